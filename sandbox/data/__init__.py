@@ -1,0 +1,12 @@
+"""Token data: tokenizers, sources and deterministic batches.
+
+The batch for step k is a pure function of (data, seed, k): every batch is
+drawn from its own `numpy.random.default_rng([seed, k, stream])`, so a resumed
+run sees exactly the batches an uninterrupted one would, with no iterator
+state to checkpoint.
+"""
+
+from sandbox.data.batches import Batch, DataPipeline, make_pipeline
+from sandbox.data.tokenizer import ByteTokenizer, Tokenizer, make_tokenizer
+
+__all__ = ["Batch", "ByteTokenizer", "DataPipeline", "Tokenizer", "make_pipeline", "make_tokenizer"]

@@ -1,0 +1,115 @@
+"""A small GPT-style decoder in Flax linen.
+
+token embedding (+ learned positions or rotary) -> n_layer pre-norm blocks
+(causal multi-head attention, MLP) -> final LayerNorm -> tied output head.
+
+The model knows nothing of loss scaling or logging: dtypes, matmul precision,
+the dot_general (fp8 or not) and the attention softmax all come from the
+`Policy`. It receives parameters already cast to the compute dtype by the
+trainer. Shapes use suffixes: B batch, T time, D model width, H heads,
+K head width, F MLP width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from sandbox.config import ModelConfig
+from sandbox.precision.policy import Policy
+
+STATS = "stats"  # collection of per-block activation statistics (forensics)
+
+
+def rotary(x_BTHK: jax.Array) -> jax.Array:
+    """Rotary position embedding, computed in fp32 then cast back."""
+    _, t, _, k = x_BTHK.shape
+    half = k // 2
+    freq = 1.0 / (10000.0 ** (jnp.arange(half, dtype=jnp.float32) / half))
+    angle_TK = jnp.arange(t, dtype=jnp.float32)[:, None] * freq[None, :]
+    cos, sin = jnp.cos(angle_TK)[None, :, None, :], jnp.sin(angle_TK)[None, :, None, :]
+    x = x_BTHK.astype(jnp.float32)
+    x1, x2 = x[..., :half], x[..., half:]
+    return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).astype(x_BTHK.dtype)
+
+
+class Block(nn.Module):
+    cfg: ModelConfig
+    policy: Policy
+
+    def dense(self, features: int, name: str) -> nn.Dense:
+        p = self.policy
+        return nn.Dense(features, name=name, dtype=p.compute_dtype, param_dtype=p.param_dtype,
+                        precision=p.precision, dot_general_cls=p.dot_general_cls(),
+                        kernel_init=nn.initializers.normal(self.cfg.init_std))
+
+    def norm(self, name: str) -> nn.LayerNorm:
+        # Flax computes LayerNorm statistics in fp32 whatever the dtype.
+        return nn.LayerNorm(name=name, dtype=self.policy.compute_dtype, param_dtype=self.policy.param_dtype)
+
+    @nn.compact
+    def __call__(self, x_BTD, deterministic: bool):
+        c, p = self.cfg, self.policy
+        b, t, d = x_BTD.shape
+        h, k = c.n_head, d // c.n_head
+        drop = nn.Dropout(c.dropout, deterministic=deterministic)
+
+        with jax.named_scope("attention"):
+            qkv = self.dense(3 * d, "qkv")(self.norm("ln_1")(x_BTD))
+            q_BTHK, k_BTHK, v_BTHK = jnp.split(qkv.reshape(b, t, 3 * h, k), 3, axis=2)
+            if c.positions == "rotary":
+                q_BTHK, k_BTHK = rotary(q_BTHK), rotary(k_BTHK)
+            q_BTHK = q_BTHK * jnp.asarray(k**-0.5, q_BTHK.dtype)
+            scores_BHTT = jnp.einsum("bthk,bshk->bhts", q_BTHK, k_BTHK, precision=p.precision)
+            causal_TT = jnp.tril(jnp.ones((t, t), bool))
+            probs_BHTT = p.attention_softmax(scores_BHTT, causal_TT)
+            y_BTHK = jnp.einsum("bhts,bshk->bthk", probs_BHTT, v_BTHK, precision=p.precision)
+            x_BTD = x_BTD + drop(self.dense(d, "proj")(y_BTHK.reshape(b, t, d)))
+
+        with jax.named_scope("mlp"):
+            u_BTF = nn.gelu(self.dense(c.mlp_ratio * d, "fc")(self.norm("ln_2")(x_BTD)))
+            x_BTD = x_BTD + drop(self.dense(d, "out")(u_BTF))
+
+        if self.is_mutable_collection(STATS):
+            x32 = x_BTD.astype(jnp.float32)
+            finite = jnp.isfinite(x32)
+            self.sow(STATS, "amax", jnp.max(jnp.where(finite, jnp.abs(x32), 0.0)))
+            self.sow(STATS, "nonfinite", jnp.sum(~finite))
+        return x_BTD
+
+
+class GPT(nn.Module):
+    cfg: ModelConfig
+    policy: Policy
+
+    @nn.compact
+    def __call__(self, tokens_BT, deterministic: bool = True):
+        c, p = self.cfg, self.policy
+        init = nn.initializers.normal(c.init_std)
+        embed = nn.Embed(c.vocab_size, c.d_model, name="embed", dtype=p.compute_dtype,
+                         param_dtype=p.param_dtype, embedding_init=init)
+        x_BTD = embed(tokens_BT)
+        if c.positions == "learned":
+            pos_TD = self.param("pos_embed", init, (c.context, c.d_model), p.param_dtype)
+            x_BTD = x_BTD + pos_TD[None, : tokens_BT.shape[1]].astype(p.compute_dtype)
+        x_BTD = nn.Dropout(c.dropout, deterministic=deterministic)(x_BTD)
+        for i in range(c.n_layer):  # Flax puts module names on JAX's name stack (forensics reads it)
+            x_BTD = Block(c, p, name=f"block_{i}")(x_BTD, deterministic)
+        x_BTD = nn.LayerNorm(name="ln_f", dtype=p.compute_dtype, param_dtype=p.param_dtype)(x_BTD)
+        with jax.named_scope("head"):
+            # Tied head; logits come out of the dot directly in the output dtype (fp32).
+            w_VD = embed.embedding.astype(p.compute_dtype)
+            dot_cls = p.dot_general_cls(head=True)
+            dims = (((2,), (1,)), ((), ()))
+            if dot_cls is None:
+                logits_BTV = lax.dot_general(x_BTD, w_VD, dims, precision=p.precision,
+                                             preferred_element_type=p.output_dtype)
+            else:
+                logits_BTV = dot_cls(name="head_dot")(x_BTD, w_VD, dims)
+        return p.cast_to_output(logits_BTV)
+
+
+def count_params(params) -> int:
+    return int(sum(x.size for x in jax.tree.leaves(params)))

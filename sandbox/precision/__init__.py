@@ -1,0 +1,1 @@
+"""Precision engine: policies, dynamic loss scaling and fp8 delayed scaling."""

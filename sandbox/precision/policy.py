@@ -1,0 +1,185 @@
+"""The precision policy: every cast in the sandbox is decided here.
+
+A `Policy` is a frozen, hashable value (so it can be a Flax module field and
+a static jit argument) that answers four questions:
+
+* storage: in which dtype are parameters (and so optimizer updates) kept?
+  fp32 "master weights" for every policy but `bf16_pure`;
+* compute: in which dtype do matmuls and activations run? Parameters are
+  cast to it once per step (`cast_to_compute`), selecting the "params"
+  collection by type, never "every floating leaf" (fp8 amax histories and
+  loss scales must stay fp32);
+* which numerically fragile ops stay wide: the attention softmax, the
+  logits, log-softmax and the loss are fp32 in every shipped policy except
+  the deliberately failing `naive_softmax` ablation;
+* how matmuls run: the `lax.Precision` (fp32 = HIGHEST; GPUs otherwise use
+  TF32 silently, so `tf32` is its own policy) and, for fp8, the dot_general
+  with delayed scaling (see `fp8.py`).
+
+The gradient side (loss scaling) lives in `loss_scale.py`; the policy only
+says which scaler it wants. Presets can be written field by field or as a
+jmp-style string, e.g. `params=float32,compute=bfloat16,output=float32`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from sandbox.errors import UserError
+
+DTYPES = {
+    "float32": jnp.float32, "f32": jnp.float32, "fp32": jnp.float32,
+    "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16,
+    "float16": jnp.float16, "f16": jnp.float16, "fp16": jnp.float16, "half": jnp.float16,
+}
+FP8_DTYPES = {"e4m3": jnp.float8_e4m3fn, "e5m2": jnp.float8_e5m2}
+_KEY_ALIASES = {"p": "params", "param": "params", "c": "compute", "o": "output", "s": "softmax"}
+
+
+@dataclass(frozen=True)
+class Fp8Settings:
+    """Delayed-scaling fp8 matmuls: formats, amax history and margin."""
+
+    fwd_dtype: str = "e4m3"
+    bwd_dtype: str = "e5m2"
+    history_len: int = 16
+    margin: int = 0
+    amax_algo: str = "max"
+    head: bool = False
+
+
+@dataclass(frozen=True)
+class Policy:
+    name: str
+    param_dtype: jnp.dtype = jnp.float32  # storage of parameters and updates
+    compute_dtype: jnp.dtype = jnp.float32  # matmuls and activations
+    output_dtype: jnp.dtype = jnp.float32  # logits, log-softmax, loss
+    softmax_dtype: jnp.dtype = jnp.float32  # attention scores -> probabilities
+    matmul_precision: str = "highest"  # 'highest' (true fp32) or 'default' (TF32 on GPUs)
+    loss_scaling: str = "none"  # the scaler this policy wants: none | dynamic | static
+    naive_softmax: bool = False  # teaching ablation: exp/sum in compute dtype, no max
+    fp8: Fp8Settings | None = None
+    telemetry: bool = True
+
+    # -- casts -----------------------------------------------------------
+    def cast_to_compute(self, params):
+        return _cast_floating(params, self.compute_dtype)
+
+    def cast_to_param(self, tree):
+        return _cast_floating(tree, self.param_dtype)
+
+    def cast_to_output(self, x):
+        return x.astype(self.output_dtype)
+
+    # -- matmuls ---------------------------------------------------------
+    @property
+    def precision(self) -> lax.Precision:
+        return lax.Precision.HIGHEST if self.matmul_precision == "highest" else lax.Precision.DEFAULT
+
+    def dot_general_cls(self, head: bool = False):
+        """The dot_general module class for nn.Dense, or None for lax.dot_general."""
+        if self.fp8 is None or (head and not self.fp8.head):
+            return None
+        from sandbox.precision.fp8 import Fp8DotGeneral
+
+        return functools.partial(Fp8DotGeneral, fwd_dtype=FP8_DTYPES[self.fp8.fwd_dtype],
+                                 bwd_dtype=FP8_DTYPES[self.fp8.bwd_dtype],
+                                 history_len=self.fp8.history_len, margin=self.fp8.margin,
+                                 telemetry=self.telemetry)
+
+    # -- attention softmax -------------------------------------------------
+    def attention_softmax(self, scores, mask):
+        """Probabilities over the last axis, returned in the compute dtype.
+
+        Stable: exp(x - logsumexp(x)) in `softmax_dtype` (probabilities only ever
+        come from log-space). Naive (the ablation): exp(x) / sum(exp(x)) in the
+        compute dtype, which overflows for scores past log(dtype max).
+        """
+        with jax.named_scope("softmax"):
+            if self.naive_softmax:
+                e = jnp.where(mask, jnp.exp(scores.astype(self.compute_dtype)), 0)
+                return (e / jnp.sum(e, axis=-1, keepdims=True)).astype(self.compute_dtype)
+            s = jnp.where(mask, scores.astype(self.softmax_dtype), -jnp.inf)
+            logp = s - jax.nn.logsumexp(s, axis=-1, keepdims=True)
+            return jnp.exp(logp).astype(self.compute_dtype)
+
+    def describe(self) -> str:
+        n = lambda d: jnp.dtype(d).name  # noqa: E731
+        parts = [f"params={n(self.param_dtype)}", f"compute={n(self.compute_dtype)}",
+                 f"output={n(self.output_dtype)}", f"softmax={n(self.softmax_dtype)}",
+                 f"matmul={self.matmul_precision}", f"loss_scaling={self.loss_scaling}"]
+        if self.fp8:
+            parts.append(f"fp8={self.fp8.fwd_dtype}/{self.fp8.bwd_dtype} hist={self.fp8.history_len} "
+                         f"margin={self.fp8.margin}")
+        if self.naive_softmax:
+            parts.append("naive_softmax")
+        return ", ".join(parts)
+
+
+def _cast_floating(tree, dtype):
+    def cast(x):
+        return x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+
+    return jax.tree.map(cast, tree)
+
+
+PRESETS = {
+    "fp32": Policy("fp32"),
+    "tf32": Policy("tf32", matmul_precision="default"),
+    "bf16": Policy("bf16", compute_dtype=jnp.bfloat16),
+    "fp16": Policy("fp16", compute_dtype=jnp.float16, loss_scaling="dynamic"),
+    "fp8": Policy("fp8", compute_dtype=jnp.bfloat16, fp8=Fp8Settings()),
+    "bf16_pure": Policy("bf16_pure", param_dtype=jnp.bfloat16, compute_dtype=jnp.bfloat16),
+    "fp16_noscale": Policy("fp16_noscale", compute_dtype=jnp.float16),
+}
+
+
+def parse_policy_string(text: str) -> Policy:
+    """'params=float32,compute=bfloat16,output=float32' (jmp style; p=/c=/o=/s= too)."""
+    fields = {"params": "float32", "compute": "float32", "output": None, "softmax": "float32"}
+    for part in text.split(","):
+        if "=" not in part:
+            raise UserError(f"precision.policy: {text!r} is neither a preset ({', '.join(PRESETS)}) "
+                            f"nor 'params=..,compute=..,output=..'")
+        key, value = (s.strip() for s in part.split("=", 1))
+        key = _KEY_ALIASES.get(key, key)
+        if key not in fields:
+            raise UserError(f"precision.policy: unknown field {key!r} in {text!r} "
+                            f"(expected params, compute, output, softmax)")
+        if value not in DTYPES:
+            raise UserError(f"precision.policy: unknown dtype {value!r} for {key} "
+                            f"(expected float32, bfloat16 or float16)")
+        fields[key] = value
+    output = fields["output"] or fields["compute"]
+    compute = DTYPES[fields["compute"]]
+    return Policy(text, param_dtype=DTYPES[fields["params"]], compute_dtype=compute,
+                  output_dtype=DTYPES[output], softmax_dtype=DTYPES[fields["softmax"]],
+                  loss_scaling="dynamic" if compute == jnp.float16 else "none")
+
+
+def make_policy(precision_cfg) -> Policy:
+    """The Policy a `precision:` config section describes."""
+    name = precision_cfg.policy
+    policy = PRESETS.get(name) or parse_policy_string(name)
+    ls_mode = precision_cfg.loss_scale.mode
+    f = precision_cfg.fp8
+    changes = dict(naive_softmax=precision_cfg.naive_softmax, telemetry=precision_cfg.telemetry,
+                   loss_scaling=policy.loss_scaling if ls_mode == "auto" else ls_mode)
+    if policy.fp8 is not None:
+        changes["fp8"] = Fp8Settings(f.fwd_dtype, f.bwd_dtype, f.history_len, f.margin, f.amax_algo, f.head)
+    return dataclasses.replace(policy, **changes)
+
+
+def make_loss_scaler(policy: Policy, ls_cfg):
+    from sandbox.precision.loss_scale import LossScaler
+
+    return LossScaler(mode=policy.loss_scaling, init_scale=ls_cfg.init_scale,
+                      growth_factor=ls_cfg.growth_factor, backoff_factor=ls_cfg.backoff_factor,
+                      growth_interval=ls_cfg.growth_interval, min_scale=ls_cfg.min_scale,
+                      max_scale=ls_cfg.max_scale)

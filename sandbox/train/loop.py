@@ -1,0 +1,337 @@
+"""The training loop around the jitted step.
+
+The loop dispatches step k and only reads metrics at log intervals (a batch
+of per-step metric dicts is pulled to the host at once), so the device never
+waits on logging. Batches are prepared ahead on a background thread.
+SIGINT/SIGTERM finish the current step, save a checkpoint and return.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import shutil
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from sandbox import config as config_lib
+from sandbox.checkpoint import Checkpointer, abstract_of
+from sandbox.data import make_pipeline
+from sandbox.errors import UserError
+from sandbox.logger import RunLogger, flatten
+from sandbox.model import GPT, count_params
+from sandbox.precision.policy import make_loss_scaler, make_policy
+from sandbox.train.hooks import Hooks
+from sandbox.train.state import TrainState, init_state, make_optimizer, make_schedule
+from sandbox.train.step import StepContext, eval_step, train_step
+
+LN2 = math.log(2.0)
+EXIT_FAILURE = 3  # a run that stopped on a non-finite value
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    summary: dict
+    status: str  # finished | interrupted | failed
+    bundle: Path | None = None
+    state: Any = None
+
+
+@dataclass
+class Run:
+    """Everything built from a config before the first step."""
+
+    cfg: config_lib.Config
+    pipeline: Any
+    policy: Any
+    ctx: StepContext
+    step_fn: Any = None
+    eval_fn: Any = None
+    extra: dict = field(default_factory=dict)
+
+
+def build(cfg: config_lib.Config) -> Run:
+    pipeline = make_pipeline(cfg)
+    policy = make_policy(cfg.precision)
+    model = GPT(cfg.model, policy)
+    scaler = make_loss_scaler(policy, cfg.precision.loss_scale)
+    total = cfg.training.steps
+    ctx = StepContext(model=model, policy=policy, scaler=scaler, tx=make_optimizer(cfg.optimizer, total),
+                      schedule=make_schedule(cfg.optimizer, total), seed=cfg.seed,
+                      accum_steps=cfg.optimizer.accum_steps, label_smoothing=cfg.objective.label_smoothing,
+                      nan_policy=cfg.forensics.nan_policy, skip_spikes=cfg.forensics.skip_spikes,
+                      spike_sigma=cfg.forensics.spike_sigma, collect_stats=cfg.forensics.activations)
+    run = Run(cfg, pipeline, policy, ctx)
+    run.step_fn = jax.jit(functools.partial(train_step, ctx=ctx), donate_argnums=0)
+    run.eval_fn = jax.jit(functools.partial(eval_step, ctx=ctx))
+    return run
+
+
+def initial_state(run: Run) -> TrainState:
+    cfg = run.cfg
+    return init_state(run.ctx.model, run.ctx.tx, run.ctx.scaler, cfg.seed, cfg.model.context,
+                      cfg.forensics.spike_window)
+
+
+def leaf_paths(tree) -> list[str]:
+    return ["/".join(str(getattr(k, "key", k)) for k in path)
+            for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def prepare_run_dir(cfg: config_lib.Config, resume: bool, overwrite: bool) -> Path:
+    run_dir = cfg.run_dir
+    if run_dir.exists() and any(run_dir.iterdir()) and not resume:
+        if not overwrite:
+            raise UserError(f"{run_dir}: run directory exists; pass --resume to continue it or "
+                            f"--overwrite to replace it")
+        shutil.rmtree(run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"{run_dir}: cannot write the run directory ({e.strerror})") from None
+    return run_dir
+
+
+class Trainer:
+    def __init__(self, cfg: config_lib.Config, hooks: list[Any] = (), *, resume: bool = False,
+                 overwrite: bool = False, tb_dir: Path | None = None, quiet: bool = False):
+        self.cfg = cfg
+        self.run = build(cfg)  # data and policy errors surface before anything is written
+        self.run_dir = prepare_run_dir(cfg, resume, overwrite)
+        (self.run_dir / "config.yaml").write_text(config_lib.dump_yaml(cfg), encoding="utf-8")
+        self.resume = resume
+        self.quiet = quiet
+        self.ckpt = Checkpointer(self.run_dir, keep=cfg.checkpoint.keep)
+        self.hooks = Hooks(list(hooks), report=self._print)
+        self.tb_dir = tb_dir
+        self.stop_requested = False
+        self.history: list[dict] = []  # recent train rows, for bundles and summaries
+        self.events: list[dict] = []
+
+    # ------------------------------------------------------------ helpers
+    def _print(self, text: str) -> None:
+        if getattr(self, "log", None):
+            self.log.print(text)
+        elif not self.quiet:
+            print(text)
+
+    def _record(self, state: TrainState) -> dict:
+        return {"step": int(state.step), "policy": self.run.policy.name,
+                "config": config_lib.to_dict(self.cfg)}
+
+    def save_checkpoint(self, state: TrainState) -> Path:
+        step = int(state.step)
+        path = self.ckpt.save(step, state, self._record(state))
+        self.hooks("on_checkpoint", step=step, path=path, state=state)
+        return path
+
+    def restore_or_init(self) -> TrainState:
+        state = initial_state(self.run)
+        if not self.resume:
+            return state
+        step = self.ckpt.latest_step()
+        if step is None:
+            return state
+        state, _ = self.ckpt.restore(step, abstract_of(state))
+        return state
+
+    def evaluate(self, state: TrainState) -> dict:
+        p = self.run.pipeline
+        ces = [self.run.eval_fn(state.params, state.fp8_meta, p.val_batch(i).as_dict())["ce"]
+               for i in range(self.cfg.training.eval_batches)]
+        ce = float(np.mean(jax.device_get(ces)))
+        return self._derived(ce)
+
+    def _derived(self, ce: float) -> dict:
+        out = {"ce": ce, "bits_per_token": ce / LN2, "perplexity": math.exp(min(ce, 700.0))}
+        floor = self.run.pipeline.info.get("source_floor")
+        if floor is not None:
+            out["kl_to_source"] = ce - floor
+        return out
+
+    # ------------------------------------------------------------ metrics
+    def _process(self, rows: list[tuple[int, dict]], state: TrainState, tokens_per_s: float,
+                 step_time: float) -> int | None:
+        """Host-side handling of a batch of per-step metrics; returns a failed step, if any."""
+        failed = None
+        for i, (step, m) in enumerate(rows):
+            leaves = m.pop("nonfinite_leaves", None)
+            scalars = flatten(m)
+            scalars.update({k: v for k, v in self._derived(scalars["loss"]).items() if k != "ce"})
+            scalars["tokens_per_s"] = tokens_per_s
+            scalars["step_time"] = step_time
+            done = step + 1
+            if scalars.get("overflow"):
+                bad = [self.leaf_names[j] for j in np.flatnonzero(leaves)] if leaves is not None else []
+                event = {"loss_scale_before": scalars["loss_scale"],
+                         "loss_scale_after": scalars["loss_scale"] * self.run.ctx.scaler.backoff_factor,
+                         "nonfinite_grads": ",".join(bad[:6]) + (f" (+{len(bad) - 6} more)" if len(bad) > 6 else "")}
+                self.events.append({"step": done, "event": "overflow", **event})
+                self.log.event(done, "overflow (step skipped)", event)
+                self.hooks("on_overflow", step=done, event=event, state=None)
+            if scalars.get("spike"):
+                self.log.event(done, "loss spike (update skipped)", {"loss": scalars["loss"]})
+            self.log.log(done, "train", scalars)
+            self.history.append({"step": done, **scalars})
+            last = i == len(rows) - 1
+            self.hooks("on_step_end", step=done, metrics=scalars, state=state if last else None)
+            if scalars.get("nonfinite"):
+                bad = [self.leaf_names[j] for j in np.flatnonzero(leaves)] if leaves is not None else []
+                self.events.append({"step": done, "event": "nonfinite", "loss": scalars["loss"]})
+                self.log.event(done, "non-finite loss/gradient", {"loss": scalars["loss"],
+                                                                  "grads": ",".join(bad[:4])})
+                self.hooks("on_nonfinite", step=done, metrics=scalars, state=state)
+                if self.cfg.forensics.nan_policy != "skip" and failed is None:
+                    failed = step
+        self.history = self.history[-self.cfg.forensics.history:]
+        return failed
+
+    # ------------------------------------------------------------ main loop
+    def train(self) -> RunResult:
+        cfg, run = self.cfg, self.run
+        state = self.restore_or_init()
+        start = int(state.step)
+        self.leaf_names = leaf_paths(state.params)
+        total = cfg.training.steps
+        self.log = RunLogger(self.run_dir, cfg.logging, total, start, tb_dir=self.tb_dir)
+        if start == 0:
+            self.log.print(f"run {self.run_dir}: {count_params(state.params):,} parameters, "
+                           f"policy {run.policy.name} ({run.policy.describe()})")
+        else:
+            self.log.print(f"run {self.run_dir}: resumed at step {start}")
+        old_handlers = self._install_signal_handlers()
+        t_start = time.perf_counter()
+        pending: list[tuple[int, dict]] = []
+        status, bundle, failed_step = "finished", None, None
+        t_last, steps_since, compile_time = time.perf_counter(), 0, None
+        last_val = None
+        tokens_per_step = cfg.training.batch_size * cfg.model.context
+        try:
+            batches = run.pipeline.prefetch_train(start, total, cfg.data.prefetch, lambda b: b.as_dict())
+            for step, batch in zip(range(start, total), batches):
+                state, metrics = run.step_fn(state, batch)
+                pending.append((step, metrics))
+                steps_since += 1
+                done = step + 1
+                at_log = done % cfg.training.log_every == 0 or done == total or self.stop_requested
+                at_eval = cfg.training.eval_every and done % cfg.training.eval_every == 0
+                at_ckpt = cfg.checkpoint.every and done % cfg.checkpoint.every == 0
+                if at_log or at_eval or at_ckpt:
+                    rows = jax.device_get(pending)
+                    now = time.perf_counter()
+                    if compile_time is None:
+                        compile_time = now - t_start
+                    dt = (now - t_last) / steps_since
+                    t_last, steps_since, pending = now, 0, []
+                    failed_step = self._process(rows, state, tokens_per_step / dt, dt)
+                    loss = rows[-1][1]["loss"]
+                    self.log.update_progress(done, f"loss {loss:.3f} ppl {math.exp(min(loss, 700)):.2f} "
+                                             f"{tokens_per_step / dt:,.0f} tok/s")
+                    if failed_step is not None:
+                        status = "failed"
+                        break
+                if at_eval and done != total:
+                    last_val = self.evaluate(state)
+                    self.log.log(done, "val", last_val)
+                    self.hooks("on_eval", step=done, metrics=last_val, state=state)
+                if at_ckpt and done != total:
+                    self.log.flush()
+                    self.save_checkpoint(state)
+                if self.stop_requested:
+                    status = "interrupted"
+                    break
+            if status == "failed":
+                bundle = self._on_failure(state, failed_step)
+            else:
+                if status == "finished":
+                    last_val = self.evaluate(state)
+                    self.log.log(int(state.step), "val", last_val)
+                    self.hooks("on_eval", step=int(state.step), metrics=last_val, state=state)
+                self.log.flush()
+                self.save_checkpoint(state)
+        finally:
+            self._restore_signal_handlers(old_handlers)
+            self.log.close()
+            self.ckpt.close()
+        wall = time.perf_counter() - t_start
+        summary = self._summary(state, last_val, wall, compile_time, status, failed_step, bundle)
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+        return RunResult(self.run_dir, summary, status, bundle, state)
+
+    def _on_failure(self, state: TrainState, failed_step: int) -> Path | None:
+        self.log.flush()
+        if self.cfg.forensics.nan_policy != "capture":
+            return None
+        from sandbox.forensics.bundle import save_bundle
+
+        batch = self.run.pipeline.train_batch(failed_step).as_dict()
+        return save_bundle(self.run_dir / "failure", self.cfg, state, batch, failed_step, self.history)
+
+    def _summary(self, state, last_val, wall, compile_time, status, failed_step, bundle) -> dict:
+        train_rows = [r for r in self.history if r.get("applied", 1)]
+        tail = train_rows[-max(1, len(train_rows) // 10):] if train_rows else []
+        g = jax.device_get(state.guard)
+        s = {
+            "status": status,
+            "steps": int(state.step),
+            "policy": self.run.policy.name,
+            "train_ce": float(np.mean([r["loss"] for r in tail])) if tail else None,
+            "val_ce": last_val["ce"] if last_val else None,
+            "val_bits_per_token": last_val["bits_per_token"] if last_val else None,
+            "val_perplexity": last_val["perplexity"] if last_val else None,
+            "tokens_per_s": float(np.median([r["tokens_per_s"] for r in self.history[-20:]]))
+            if self.history else None,
+            "wall_time_s": wall,
+            "compile_time_s": compile_time,
+            "overflow_skips": int(g.skipped_overflow),
+            "nonfinite_skips": int(g.skipped_nonfinite),
+            "spike_skips": int(g.skipped_spikes),
+            "final_loss_scale": float(jax.device_get(state.loss_scale.scale)),
+            "failed_step": failed_step + 1 if failed_step is not None else None,
+            "bundle": str(bundle) if bundle else None,
+        }
+        for key in ("underflow_frac", "overflow_frac", "lost_update_frac"):
+            vals = [r[key] for r in self.history if key in r]
+            if vals:
+                s[key] = float(np.mean(vals))
+        sat = [v for r in self.history for k, v in r.items() if k.startswith("fp8_stats/") and "saturated" in k]
+        if sat:
+            s["fp8_saturated_frac"] = float(np.max(sat))
+        if last_val and "kl_to_source" in last_val:
+            s["val_kl_to_source"] = last_val["kl_to_source"]
+            s["entropy_rate"] = self.run.pipeline.info["entropy_rate"]
+        return s
+
+    # ------------------------------------------------------------ signals
+    def _install_signal_handlers(self):
+        def handler(signum, frame):
+            self.stop_requested = True
+
+        old = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                old[sig] = signal.signal(sig, handler)
+            except ValueError:  # not the main thread
+                pass
+        return old
+
+    @staticmethod
+    def _restore_signal_handlers(old) -> None:
+        for sig, h in old.items():
+            signal.signal(sig, h)
+
+
+def train(cfg: config_lib.Config, hooks: list[Any] = (), **kwargs) -> RunResult:
+    return Trainer(cfg, hooks, **kwargs).train()
+

@@ -1,0 +1,67 @@
+"""The train state: one pytree holding everything a step reads and writes.
+
+Each kind of state has its own field (master parameters, optimizer state,
+loss-scale state, fp8 meta, guard counters), so casts and selects act by type
+and the optimizer never sees fp8 bookkeeping.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from sandbox.model import GPT
+from sandbox.precision.loss_scale import LossScaler, LossScaleState
+
+
+class GuardState(NamedTuple):
+    failed_step: jax.Array  # int32: first step with a non-finite loss/grad/param, -1 if none
+    skipped_nonfinite: jax.Array  # int32: updates dropped by nan_policy=skip
+    skipped_overflow: jax.Array  # int32: updates dropped by the loss scaler (not failures)
+    skipped_spikes: jax.Array  # int32: updates dropped as loss spikes
+    loss_window: jax.Array  # fp32 [W]: recent losses for spike detection (NaN = empty)
+
+
+class TrainState(NamedTuple):
+    step: jax.Array  # int32: steps run (skipped ones included)
+    opt_step: jax.Array  # int32: updates applied; drives the lr schedule
+    params: Any  # master parameters, in the policy's param dtype
+    opt_state: Any
+    loss_scale: LossScaleState
+    fp8_meta: Any  # {} unless the policy uses fp8
+    guard: GuardState
+
+
+def make_schedule(opt_cfg, total_steps: int) -> optax.Schedule:
+    decay = opt_cfg.decay_steps or total_steps
+    warmup = min(opt_cfg.warmup_steps, decay)
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=opt_cfg.lr, warmup_steps=warmup,
+        decay_steps=max(decay, warmup + 1), end_value=opt_cfg.lr * opt_cfg.min_lr_ratio)
+
+
+def _decay_mask(params):
+    # Weight decay on matrices only: not on norms, biases (the usual GPT recipe).
+    return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+def make_optimizer(opt_cfg, total_steps: int) -> optax.GradientTransformation:
+    """Clip (after unscaling, since grads arrive unscaled) then AdamW on a warmup-cosine schedule."""
+    parts = [optax.clip_by_global_norm(opt_cfg.grad_clip)] if opt_cfg.grad_clip > 0 else []
+    parts.append(optax.adamw(make_schedule(opt_cfg, total_steps), b1=opt_cfg.b1, b2=opt_cfg.b2,
+                             eps=opt_cfg.eps, weight_decay=opt_cfg.weight_decay, mask=_decay_mask))
+    return optax.chain(*parts)
+
+
+def init_state(model: GPT, tx: optax.GradientTransformation, scaler: LossScaler, seed: int,
+               context: int, spike_window: int) -> TrainState:
+    tokens = jnp.zeros((1, context), jnp.int32)
+    variables = model.init(jax.random.key(seed), tokens)
+    params = variables["params"]
+    fp8_meta = variables.get("fp8_meta", {})
+    guard = GuardState(jnp.int32(-1), jnp.int32(0), jnp.int32(0), jnp.int32(0),
+                       jnp.full((spike_window,), jnp.nan, jnp.float32))
+    return TrainState(jnp.int32(0), jnp.int32(0), params, tx.init(params), scaler.init(), fp8_meta, guard)

@@ -1,0 +1,244 @@
+"""The pure train step `(state, batch) -> (state, metrics)` and the eval step.
+
+One step, in order:
+
+1. forward in the compute dtype (parameters cast once by the policy), logits
+   out of the head in fp32; the objective and d(loss)/d(logits) in fp32;
+2. the fp32 logit gradient is multiplied by the loss scale and enters the
+   compute dtype: this is the boundary where fp16 gradients underflow, so the
+   telemetry measures it exactly here;
+3. backward through the model (`jax.vjp`), which also yields the fp8 amaxes
+   observed this step (as cotangents of the fp8 meta, see precision/fp8.py);
+   microbatches are summed (grads) and max-reduced (amaxes);
+4. gradients unscaled in fp32, checked, clipped and applied by optax;
+5. guards: a non-finite loss, gradient or new parameter never enters the
+   state. Skips are a select between old and new state (0 x NaN is NaN).
+   With a dynamic loss scaler a non-finite gradient is a normal overflow
+   event (skip, back off); otherwise it is a failure, recorded in
+   `guard.failed_step`, and with nan_policy halt/capture the state then
+   freezes, so the state the host reads later is exactly the state before
+   the bad step (the bundle needs it; the host reads flags only at log
+   intervals, never inside the step).
+
+Everything returned in `metrics` is an array; the loop reads it to the host
+at log intervals.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from sandbox.model import GPT, STATS
+from sandbox.objectives import lm_objective
+from sandbox.precision.fp8 import FP8_STATS, combine_observed, update_fp8_meta
+from sandbox.precision.loss_scale import LossScaler, all_finite, nonfinite_leaf_mask, select_tree
+from sandbox.precision.policy import FP8_DTYPES, Policy
+from sandbox.train.state import GuardState, TrainState
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """Everything static a step needs, bound with functools.partial before jit."""
+
+    model: GPT
+    policy: Policy
+    scaler: LossScaler
+    tx: optax.GradientTransformation
+    schedule: Any
+    seed: int
+    accum_steps: int = 1
+    label_smoothing: float = 0.0
+    nan_policy: str = "capture"
+    skip_spikes: bool = False
+    spike_sigma: float = 6.0
+    collect_stats: bool = False  # per-block activation statistics
+
+    @property
+    def mutable(self) -> list[str]:
+        cols = [FP8_STATS] if self.policy.fp8 is not None and self.policy.telemetry else []
+        return cols + ([STATS] if self.collect_stats else [])
+
+
+def forward(ctx: StepContext, params, fp8_meta, inputs_BT, *, key=None, mutable=()):
+    """Logits (fp32) of the model under the policy, and the sown collections."""
+    variables = {"params": ctx.policy.cast_to_compute(params)}
+    if fp8_meta:
+        variables["fp8_meta"] = fp8_meta
+    rngs = {"dropout": key} if key is not None else {}
+    logits, sown = ctx.model.apply(variables, inputs_BT, deterministic=key is None, rngs=rngs,
+                                   mutable=list(mutable))
+    return logits, sown
+
+
+def _boundary_stats(dlogits_scaled, compute_dtype) -> dict:
+    """Fractions of the fp32 logit gradient that underflow to 0 / overflow to inf in the compute dtype."""
+    cast = dlogits_scaled.astype(compute_dtype)
+    nonzero = dlogits_scaled != 0
+    finite = jnp.isfinite(dlogits_scaled)
+    n_nonzero = jnp.maximum(jnp.sum(nonzero), 1)
+    return {
+        "underflow_frac": jnp.sum(nonzero & (cast == 0)) / n_nonzero,
+        "overflow_frac": jnp.sum(finite & jnp.isinf(cast)) / jnp.maximum(jnp.sum(finite), 1),
+    }
+
+
+def microbatch_grads(ctx: StepContext, params, fp8_meta, inputs_BT, targets_BT, scale, key):
+    """Scaled grads (param dtype), observed fp8 amaxes, loss and auxiliary metrics of one microbatch."""
+    policy = ctx.policy
+
+    def fwd(p, m):
+        return forward(ctx, p, m, inputs_BT, key=key, mutable=ctx.mutable)
+
+    logits, vjp_fn, sown = jax.vjp(fwd, params, fp8_meta, has_aux=True)
+
+    def objective(lg):
+        return lm_objective(lg, targets_BT, label_smoothing=ctx.label_smoothing)
+
+    (loss, parts), dlogits = jax.value_and_grad(objective, has_aux=True)(logits)
+    dlogits_scaled = dlogits * scale.astype(dlogits.dtype)
+    aux = dict(parts)
+    if policy.telemetry and jnp.dtype(policy.compute_dtype) != jnp.float32:
+        aux.update(_boundary_stats(dlogits_scaled, policy.compute_dtype))
+    grads, observed = vjp_fn(dlogits_scaled)
+    sown = jax.tree.map(lambda x: x[0] if isinstance(x, tuple) else x, sown,
+                        is_leaf=lambda x: isinstance(x, tuple))
+    return grads, observed, loss, aux, sown
+
+
+def _to_f32(tree):
+    return jax.tree.map(lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+def _accumulate(ctx: StepContext, state: TrainState, batch, key):
+    """Microbatch results combined: grads summed in fp32, amaxes and activation stats max-reduced."""
+    n = ctx.accum_steps
+
+    def run(i, mb):
+        return microbatch_grads(ctx, state.params, state.fp8_meta, mb["inputs"], mb["targets"],
+                                state.loss_scale.scale, jax.random.fold_in(key, i))
+
+    if n == 1:
+        return run(0, batch)
+    mbs = jax.tree.map(lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:]), batch)
+
+    def body(carry, xs):
+        g, o, loss, aux, sown = run(*xs)
+        cg, co, closs, caux, csown = carry
+        return (jax.tree.map(lambda a, b: a + b.astype(jnp.float32), cg, g), combine_observed(co, o),
+                closs + loss, jax.tree.map(jnp.add, caux, aux), jax.tree.map(jnp.maximum, csown, sown)), None
+
+    g, o, loss, aux, sown = run(0, jax.tree.map(lambda x: x[0], mbs))
+    carry, _ = jax.lax.scan(body, (_to_f32(g), o, loss, aux, sown),
+                            (jnp.arange(1, n), jax.tree.map(lambda x: x[1:], mbs)))
+    grads, observed, loss, aux, sown = carry
+    return grads, observed, loss / n, jax.tree.map(lambda x: x / n, aux), sown
+
+
+def fp8_summary(meta) -> dict:
+    """Per-tensor latest amax and scale, keyed like 'block_0/qkv/input'."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(meta)[0]:
+        keys = [getattr(k, "key", str(k)) for k in path]
+        name = keys[-1]
+        where = "/".join(keys[:-1])
+        if name.endswith("_amax_history"):
+            out[f"{where}/{name[:-len('_amax_history')]}_amax"] = leaf[0]
+        elif name.endswith("_scale"):
+            out[f"{where}/{name}"] = leaf
+    return out
+
+
+def _spike(ctx: StepContext, window, loss):
+    if not ctx.skip_spikes:
+        return jnp.bool_(False)
+    valid = jnp.isfinite(window)
+    n = jnp.sum(valid)
+    mean = jnp.sum(jnp.where(valid, window, 0)) / jnp.maximum(n, 1)
+    var = jnp.sum(jnp.where(valid, (window - mean) ** 2, 0)) / jnp.maximum(n - 1, 1)
+    return (n >= window.shape[0] // 2) & (loss > mean + ctx.spike_sigma * jnp.sqrt(var))
+
+
+def train_step(state: TrainState, batch, *, ctx: StepContext):
+    policy, scaler = ctx.policy, ctx.scaler
+    key = jax.random.fold_in(jax.random.key(ctx.seed), state.step)
+    grads, observed, loss, aux, sown = _accumulate(ctx, state, batch, key)
+    grads32 = jax.tree.map(lambda g: g / ctx.accum_steps, scaler.unscale(grads, state.loss_scale))
+
+    loss_finite = jnp.isfinite(loss)
+    grads_finite = all_finite(grads32)
+    dynamic = scaler.mode == "dynamic"
+    updates, new_opt = ctx.tx.update(policy.cast_to_param(grads32), state.opt_state, state.params)
+    new_opt = jax.tree.map(lambda n, o: n.astype(o.dtype), new_opt, state.opt_state)
+    new_params = optax.apply_updates(state.params, updates)
+    params_finite = all_finite(new_params)
+
+    overflow = loss_finite & ~grads_finite & dynamic  # the scaler's business, not a failure
+    failure = ~loss_finite | (~grads_finite & ~dynamic) | (grads_finite & ~params_finite)
+    spike = _spike(ctx, state.guard.loss_window, loss) & loss_finite
+    guard = state.guard
+    frozen = (guard.failed_step >= 0) & (ctx.nan_policy != "skip")  # halt/capture: keep pre-failure state
+    apply = grads_finite & loss_finite & params_finite & ~spike & ~frozen
+
+    new_meta = state.fp8_meta
+    if state.fp8_meta:
+        f = policy.fp8
+        new_meta = update_fp8_meta(state.fp8_meta, observed, f.amax_algo, FP8_DTYPES[f.fwd_dtype],
+                                   FP8_DTYPES[f.bwd_dtype], f.margin)
+    new_scale = select_tree(frozen | failure, state.loss_scale, scaler.update(state.loss_scale, grads_finite))
+    first_failure = failure & ~frozen & (guard.failed_step < 0)
+    new_guard = GuardState(
+        failed_step=jnp.where(first_failure, state.step, guard.failed_step),
+        skipped_nonfinite=guard.skipped_nonfinite + (failure & ~frozen),
+        skipped_overflow=guard.skipped_overflow + (overflow & ~frozen),
+        skipped_spikes=guard.skipped_spikes + (spike & ~frozen),
+        loss_window=jnp.where(apply, jnp.roll(guard.loss_window, 1).at[0].set(loss), guard.loss_window),
+    )
+    new_state = TrainState(
+        step=state.step + 1,
+        opt_step=state.opt_step + apply,
+        params=select_tree(apply, new_params, state.params),
+        opt_state=select_tree(apply, new_opt, state.opt_state),
+        loss_scale=new_scale,
+        fp8_meta=select_tree(apply, new_meta, state.fp8_meta),
+        guard=new_guard,
+    )
+
+    metrics = {
+        "loss": loss,
+        "grad_norm": optax.tree.norm(grads32),
+        "update_ratio": optax.tree.norm(updates) / jnp.maximum(optax.tree.norm(state.params), 1e-12),
+        "lr": ctx.schedule(state.opt_step),
+        "loss_scale": state.loss_scale.scale,
+        "overflow": overflow & ~frozen,
+        "nonfinite": failure & ~frozen,
+        "spike": spike & ~frozen,
+        "applied": apply,
+        "failed_step": new_guard.failed_step,
+        **{k: v for k, v in aux.items() if k != "loss"},
+    }
+    if dynamic or ctx.nan_policy != "skip":
+        metrics["nonfinite_leaves"] = jnp.stack(jax.tree.leaves(nonfinite_leaf_mask(grads32)))
+    if policy.telemetry:
+        changed = jax.tree.map(lambda u: u != 0, updates)
+        lost = jax.tree.map(lambda n, o, c: jnp.sum((n == o) & c), new_params, state.params, changed)
+        n_changed = sum(jnp.sum(c) for c in jax.tree.leaves(changed))
+        metrics["lost_update_frac"] = sum(jax.tree.leaves(lost)) / jnp.maximum(n_changed, 1)
+    if FP8_STATS in sown:
+        metrics["fp8_stats"] = sown[FP8_STATS]
+    if new_meta:
+        metrics["fp8"] = fp8_summary(new_meta)
+    if STATS in sown:
+        metrics["activations"] = sown[STATS]
+    return new_state, metrics
+
+
+def eval_step(params, fp8_meta, batch, *, ctx: StepContext):
+    """Summed cross-entropy (nats) and token count of one validation batch."""
+    logits, _ = forward(ctx, params, fp8_meta, batch["inputs"])
+    loss, _ = lm_objective(logits, batch["targets"])
+    return {"ce": loss}
