@@ -16,7 +16,10 @@ from sandbox.errors import UserError
 # Modules whose `register(subparsers)` adds subcommands, in help order.
 COMMAND_MODULES = (
     "sandbox.train_cli",
+    "sandbox.forensics.cli",
+    "sandbox.ablate.cli",
     "sandbox.teaching.cli",
+    "sandbox.teaching.lessons_cli",
 )
 
 
