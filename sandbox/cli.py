@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as e:
-            if e.name == name:  # feature not built yet
+            if e.name and name.startswith(e.name):  # feature not built yet
                 continue
             raise
         module.register(subparsers)

@@ -7,7 +7,8 @@ Events, each called with keyword arguments:
   in batches then, one per step in order; `state` is the latest state, given
   with the last call of a batch only (None otherwise).
 * `on_eval(step, metrics, state)`: after each validation pass.
-* `on_overflow(step, event, state)`: the loss scaler skipped a step.
+* `on_overflow(step, metrics, state)`: the loss scaler skipped a step (metrics: the
+  overflow event: scale before and after, parameters with non-finite gradients).
 * `on_nonfinite(step, metrics, state)`: a non-finite loss/grad/param (a failure).
 * `on_checkpoint(step, path, state)`: a checkpoint was written.
 
@@ -38,7 +39,7 @@ class Hooks:
     def add(self, hook: Any) -> None:
         self.hooks.append(hook)
 
-    def __call__(self, event: str, **kwargs) -> None:
+    def __call__(self, event: str, /, **kwargs) -> None:
         for hook in list(self.hooks):
             fn = getattr(hook, event, None)
             if fn is None and callable(hook) and not hasattr(hook, "on_step_end"):
