@@ -126,6 +126,7 @@ class Fp8Config:
 class PrecisionConfig:
     policy: str = F("fp32", "preset (fp32 tf32 bf16 fp16 fp8 bf16_pure fp16_noscale) or 'params=..,compute=..,output=..'")
     naive_softmax: bool = F(False, "teaching ablation: softmax as exp/sum in the compute dtype, no max subtraction")
+    naive_log_softmax: bool = F(False, "teaching ablation: the loss takes log(softmax(logits)) instead of log_softmax")
     telemetry: bool = F(True, "collect underflow/overflow/lost-update/fp8 statistics in the step")
     loss_scale: LossScaleConfig = F(LossScaleConfig(), "loss scaling")
     fp8: Fp8Config = F(Fp8Config(), "fp8 delayed scaling")
@@ -139,6 +140,7 @@ class KLConfig:
     direction: str = F("reverse", "reverse = KL(model || reference), forward = KL(reference || model)",
                        choices=("reverse", "forward"))
     policy: str = F("fp32", "precision policy of the reference forward pass")
+    init_from_reference: bool = F(False, "start from the reference's weights (a fine-tune), not a fresh init")
 
 
 @dataclass(frozen=True)
@@ -364,13 +366,40 @@ def from_dict(raw: dict, default_name: str = "run") -> Config:
     return cfg
 
 
+def deep_merge(base: dict, over: dict) -> dict:
+    out = _deepcopy(base)
+    for k, v in over.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def read_with_bases(path: Path, _seen: tuple = ()) -> dict:
+    """A config file merged over its `base:` file (relative to it), recursively.
+
+    Lets the per-policy configs say only what differs (`base: shakespeare_char.yaml`
+    plus `precision: {policy: bf16}`).
+    """
+    raw = read_yaml(path)
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str):
+        raise UserError(f"{path}: base: expected a file name, got {base!r}")
+    base_path = (path.parent / base).resolve()
+    if base_path in _seen:
+        raise UserError(f"{path}: base: circular reference to {base_path}")
+    parent = read_with_bases(base_path, _seen + (base_path,))
+    parent.pop("name", None)  # a derived config is its own run
+    return deep_merge(parent, raw)
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     """Reads a YAML config, applies `--set` overrides, validates everything.
 
     Relative `data.paths` are resolved against the config file's directory
     when they exist there, else against the working directory.
     """
-    raw = read_yaml(path) if path is not None else {}
+    raw = read_with_bases(Path(path)) if path is not None else {}
     raw = apply_overrides(raw, list(overrides))
     name = Path(path).stem if path is not None else "run"
     cfg = from_dict(raw, default_name=name)

@@ -132,11 +132,13 @@ def _cast_floating(tree, dtype):
 PRESETS = {
     "fp32": Policy("fp32"),
     "tf32": Policy("tf32", matmul_precision="default"),
-    "bf16": Policy("bf16", compute_dtype=jnp.bfloat16),
-    "fp16": Policy("fp16", compute_dtype=jnp.float16, loss_scaling="dynamic"),
-    "fp8": Policy("fp8", compute_dtype=jnp.bfloat16, fp8=Fp8Settings()),
-    "bf16_pure": Policy("bf16_pure", param_dtype=jnp.bfloat16, compute_dtype=jnp.bfloat16),
-    "fp16_noscale": Policy("fp16_noscale", compute_dtype=jnp.float16),
+    # Low-precision inputs need no HIGHEST (and on Hopper it would block the fp8 GEMM rewrite).
+    "bf16": Policy("bf16", compute_dtype=jnp.bfloat16, matmul_precision="default"),
+    "fp16": Policy("fp16", compute_dtype=jnp.float16, loss_scaling="dynamic", matmul_precision="default"),
+    "fp8": Policy("fp8", compute_dtype=jnp.bfloat16, fp8=Fp8Settings(), matmul_precision="default"),
+    "bf16_pure": Policy("bf16_pure", param_dtype=jnp.bfloat16, compute_dtype=jnp.bfloat16,
+                        matmul_precision="default"),
+    "fp16_noscale": Policy("fp16_noscale", compute_dtype=jnp.float16, matmul_precision="default"),
 }
 
 
@@ -160,7 +162,8 @@ def parse_policy_string(text: str) -> Policy:
     compute = DTYPES[fields["compute"]]
     return Policy(text, param_dtype=DTYPES[fields["params"]], compute_dtype=compute,
                   output_dtype=DTYPES[output], softmax_dtype=DTYPES[fields["softmax"]],
-                  loss_scaling="dynamic" if compute == jnp.float16 else "none")
+                  loss_scaling="dynamic" if compute == jnp.float16 else "none",
+                  matmul_precision="highest" if compute == jnp.float32 else "default")
 
 
 def make_policy(precision_cfg) -> Policy:

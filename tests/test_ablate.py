@@ -1,0 +1,260 @@
+"""Ablation experiments: spec expansion and validation, resume logic, the report's statistics, end to end."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sandbox.ablate import runner
+from sandbox.ablate.report import load_experiment, summarize, welch, write_report
+from sandbox.ablate.spec import load_spec
+from sandbox.cli import main
+from sandbox.errors import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE = REPO / "experiments" / "smoke.yaml"
+
+
+def write_spec(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "spec.yaml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+# ----------------------------------------------------------------- spec
+
+
+def test_smoke_spec_expands_grid_and_explicit_cells(tmp_path):
+    spec = load_spec(SMOKE, tmp_path / "exp")
+    assert [c.name for c in spec.cells] == ["fp32_s0", "fp32_s1", "fp16_s0", "fp16_s1", "fp16_naive_softmax_s0"]
+    assert spec.variants == ["fp32", "fp16", "fp16_naive_softmax"]
+    bad = spec.cells[-1].config
+    assert bad.precision.naive_softmax and bad.model.init_std == 2.0 and bad.precision.policy == "fp16"
+    assert spec.cells[1].config.seed == 1 and spec.cells[1].config.model.d_model == 32
+    assert spec.cells[0].config.run_dir == tmp_path / "exp" / "cells" / "fp32_s0"
+
+
+def test_precision_ablation_spec_is_six_policies_by_three_seeds():
+    if not (REPO / "configs" / "shakespeare_char.yaml").exists():
+        pytest.skip("configs/shakespeare_char.yaml not present")
+    spec = load_spec(REPO / "experiments" / "precision_ablation.yaml")
+    assert spec.variants == ["fp32", "bf16", "fp16", "fp8", "bf16_pure", "fp16_noscale"]
+    assert len(spec.cells) == 18
+    cfg = spec.cells[0].config
+    assert (cfg.model.n_layer, cfg.model.n_head, cfg.model.d_model, cfg.model.context) == (4, 4, 128, 64)
+    assert (cfg.training.batch_size, cfg.training.steps, cfg.data.source) == (12, 2000, "text")
+
+
+def test_seed_axis_crosses_explicit_cells(tmp_path):
+    path = write_spec(tmp_path, "axes: {seed: [3, 4]}\ncells:\n  - {optimizer.lr: 0.01}\n  - {optimizer.lr: 0.1, seed: 9}\n")
+    spec = load_spec(path, tmp_path / "exp")
+    assert [(c.variant, c.seed) for c in spec.cells] == [("0.01", 3), ("0.01", 4), ("0.1", 9)]
+    assert spec.cells[0].config.optimizer.lr == 0.01
+
+
+@pytest.mark.parametrize("text, message", [
+    ("axes: {precision.polcy: [fp32]}", "cell fp32_s0: unknown config key 'precision.polcy'"),
+    ("axes: {optimizer.lr: [fast]}", "optimizer.lr: expected a number, got 'fast'"),
+    ("axes: {training.steps: [0]}", "training.steps: expected >= 1, got 0"),
+    ("axes: {precision.policy: [fp9]}", "cell fp9_s0:"),
+    ("axes: {seed: []}", "axes.seed: expected a non-empty list"),
+    ("axis: {seed: [0]}", "unknown spec key 'axis'"),
+    ("base: nowhere.yaml", "nowhere.yaml: file not found"),
+    ("target_loss: -1", "target_loss: expected a positive number"),
+    ("cells: [{label: a, seed: 0}, {label: a, seed: 0}]", "two cells are both named 'a_s0'"),
+])
+def test_bad_specs_give_one_line_errors(tmp_path, text, message):
+    path = write_spec(tmp_path, text)
+    with pytest.raises(UserError) as e:
+        load_spec(path, tmp_path / "exp")
+    assert message in str(e.value) and "\n" not in str(e.value)
+    assert str(path) in str(e.value) or "nowhere.yaml" in message
+
+
+def test_cli_reports_bad_input_with_exit_2(tmp_path, capsys):
+    assert main(["ablate", str(write_spec(tmp_path, "axes: {nope: [1]}")), "--out", str(tmp_path / "e")]) == 2
+    assert main(["report", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(line.startswith("error: ") for line in err)
+    assert "unknown config key 'nope'" in err[0] and "not a directory" in err[1]
+
+
+# ----------------------------------------------------------------- resume logic
+
+
+def test_rerun_skips_finished_and_failed_and_resumes_the_rest(tmp_path, monkeypatch):
+    spec = load_spec(SMOKE, tmp_path / "exp")
+    exp = tmp_path / "exp"
+    (exp / "logs").mkdir(parents=True)
+    prior = {"fp32_s0": ("finished", 0), "fp32_s1": ("failed", 3), "fp16_s0": ("interrupted", 0),
+             "fp16_s1": (None, 1)}  # fp16_s1 crashed before writing a summary; the last cell never ran
+    for name, (status, rc) in prior.items():
+        (exp / "cells" / name).mkdir(parents=True)
+        if status:
+            (exp / "cells" / name / "summary.json").write_text(json.dumps({"status": status}))
+        (exp / "logs" / f"{name}.json").write_text(json.dumps({"returncode": rc}))
+    assert [runner.cell_status(exp, n) for n in prior] == ["finished", "failed", "interrupted", "crashed"]
+    ran = []
+    monkeypatch.setattr(runner, "run_cell", lambda cell, d: ran.append(cell.name) or
+                        runner.Outcome(cell.name, "finished", 0, 0.0, {}))
+    runner.run_experiment(spec, exp, jobs=2)
+    assert sorted(ran) == ["fp16_naive_softmax_s0", "fp16_s0", "fp16_s1"]
+    assert (exp / "configs" / "fp16_s0.yaml").exists() and (exp / "experiment.json").exists()
+
+
+def test_changed_spec_refuses_to_resume_a_cell(tmp_path, monkeypatch):
+    spec = load_spec(SMOKE, tmp_path / "exp")
+    cell_dir = tmp_path / "exp" / "cells" / "fp32_s0"
+    cell_dir.mkdir(parents=True)
+    (cell_dir / "config.yaml").write_text("seed: 5\n")
+    monkeypatch.setattr(runner, "run_cell", lambda cell, d: runner.Outcome(cell.name, "finished", 0, 0.0, {}))
+    with pytest.raises(UserError, match="different config; pass --overwrite"):
+        runner.run_experiment(spec, tmp_path / "exp")
+    runner.run_experiment(spec, tmp_path / "exp", overwrite=True)
+
+
+# ----------------------------------------------------------------- report on a hand-made experiment
+
+VAL = {"fp32": [2.00, 2.02, 1.98], "bf16": [2.01, 1.97, 2.03], "fp16": [2.30, 2.33, 2.28]}
+
+
+def fake_experiment(root: Path) -> Path:
+    exp = root / "exp"
+    cells = []
+    for policy, vals in VAL.items():
+        for seed, v in enumerate(vals):
+            name = f"{policy}_s{seed}"
+            cells.append({"name": name, "variant": policy, "seed": seed, "policy": policy,
+                          "settings": {"precision.policy": policy, "seed": seed}})
+            d = exp / "cells" / name
+            d.mkdir(parents=True)
+            rows = []
+            for step in range(1, 11):
+                row = {"step": step * 10, "split": "train", "loss": 4.0 - step * 0.2, "overflow": 0.0,
+                       "loss_scale": 1.0}
+                if policy == "fp16":
+                    row["overflow"] = float(step == 3)
+                    row["loss_scale"] = 2.0 ** (16 - (step >= 3))
+                rows.append(row)
+                rows.append({"step": step * 10, "split": "val", "ce": v + (10 - step) * 0.1})
+            d.joinpath("metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+            d.joinpath("summary.json").write_text(json.dumps({
+                "status": "finished", "steps": 100, "policy": policy, "train_ce": 2.1, "val_ce": v,
+                "val_perplexity": math.exp(v), "val_bits_per_token": v / math.log(2), "tokens_per_s": 1000.0 + seed,
+                "overflow_skips": 1 if policy == "fp16" else 0, "nonfinite_skips": 0, "final_loss_scale": 1.0}))
+    cells.append({"name": "noscale_s0", "variant": "fp16_noscale", "seed": 0, "policy": "fp16_noscale",
+                  "settings": {"precision.policy": "fp16_noscale", "seed": 0}})
+    (exp / "cells" / "noscale_s0").mkdir(parents=True)
+    (exp / "cells" / "noscale_s0" / "summary.json").write_text(json.dumps(
+        {"status": "failed", "failed_step": 7, "val_ce": None, "bundle": "x"}))
+    cells.append({"name": "fp8_s0", "variant": "fp8", "seed": 0, "policy": "fp8",
+                  "settings": {"precision.policy": "fp8", "seed": 0}})
+    cells.append({"name": "fp8_s1", "variant": "fp8", "seed": 1, "policy": "fp8",
+                  "settings": {"precision.policy": "fp8", "seed": 1}})
+    d = exp / "cells" / "fp8_s1"
+    d.mkdir(parents=True)
+    d.joinpath("summary.json").write_text(json.dumps({"status": "finished", "val_ce": 2.1, "fp8_saturated_frac": 0.01}))
+    d.joinpath("metrics.jsonl").write_text("".join(json.dumps(
+        {"step": k, "split": "train", "loss": 3.0, "fp8/block_0/fc/Fp8DotGeneral_0/input_amax": 1.0 + k,
+         "fp8/block_0/fc/Fp8DotGeneral_0/input_scale": 448.0 / (1.0 + k)}) + "\n" for k in range(1, 20)))
+    (exp / "logs").mkdir(parents=True)
+    (exp / "logs" / "fp8_s0.json").write_text(json.dumps({"returncode": 1, "stderr_tail": "Boom"}))
+    (exp / "experiment.json").write_text(json.dumps(
+        {"name": "fake", "baseline": "fp32", "alpha": 0.05, "target_loss": 3.0, "cells": cells}))
+    return exp
+
+
+def test_welch_matches_the_textbook_formula():
+    a, b = VAL["fp16"], VAL["fp32"]
+    va, vb = np.var(a, ddof=1) / 3, np.var(b, ddof=1) / 3
+    t = (np.mean(a) - np.mean(b)) / math.sqrt(va + vb)
+    df = (va + vb) ** 2 / (va ** 2 / 2 + vb ** 2 / 2)
+    from scipy import stats
+
+    assert welch(a, b) == pytest.approx(2 * stats.t.sf(abs(t), df), rel=1e-9)
+    assert welch([1.0], b) is None
+
+
+def test_summary_rows_statistics_and_failures(tmp_path):
+    rows, target = summarize(load_experiment(fake_experiment(tmp_path)))
+    by = {r["variant"]: r for r in rows}
+    assert list(by) == ["fp32", "bf16", "fp16", "fp16_noscale", "fp8"] and target == 3.0
+    assert by["fp32"]["val_ce"] == pytest.approx(2.0) and by["fp32"]["val_ce_std"] == pytest.approx(0.02)
+    assert by["fp32"]["vs_baseline"] == "baseline"
+    assert by["bf16"]["vs_baseline"] == "same" and by["bf16"]["p_value"] > 0.05
+    assert by["fp16"]["vs_baseline"] == "worse" and by["fp16"]["p_value"] < 0.01
+    assert by["fp16"]["overflow_events"] == 1 and by["fp16"]["skipped_steps"] == 1
+    assert by["fp32"]["steps_to_target"] == 50  # loss 4 - 0.2 k <= 3 first at k = 5
+    assert by["fp16_noscale"]["status"] == "1 failed" and by["fp16_noscale"]["nan_step"] == "7"
+    assert by["fp16_noscale"]["val_ce"] is None and by["fp16_noscale"]["vs_baseline"] == "no finished run"
+    assert by["fp8"]["status"] == "1 crashed, 1 finished" and by["fp8"]["crashed_cells"] == "fp8_s0"
+    assert by["fp8"]["fp8_saturated_frac"] == 0.01 and by["fp8"]["vs_baseline"] is None  # one seed: no test
+    assert by["fp32"]["precision_drift"] is None  # not in these summaries: shown as '-'
+
+
+def test_report_writes_table_csv_and_plots(tmp_path, capsys):
+    exp = fake_experiment(tmp_path)
+    assert main(["report", str(exp)]) == 0
+    table = (exp / "table.md").read_text()
+    assert "| fp16 | 3 finished |" in table and "worse (p=" in table and "Welch" in table
+    assert "| fp16_noscale | 1 failed |" in table and "| fp8 | 1 crashed, 1 finished |" in table
+    with (exp / "summary.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["variant"] for r in rows] == ["fp32", "bf16", "fp16", "fp16_noscale", "fp8"]
+    assert float(rows[2]["val_ce"]) == pytest.approx(np.mean(VAL["fp16"]))
+    names = sorted(p.name for p in (exp / "plots").iterdir())
+    assert names == ["final_bars.png", "fp8_scaling.png", "loss_scale.png", "val_loss.png"]
+    assert all((exp / "plots" / n).stat().st_size > 5000 for n in names)
+
+
+# ----------------------------------------------------------------- end to end
+
+
+def test_a_crashing_cell_is_recorded_with_its_stderr(tmp_path, capsys):
+    # The cell's process dies before training (its corpus is missing): a real
+    # subprocess, no compile, so this stays fast.
+    path = write_spec(tmp_path, "config: {data: {source: text, paths: [no_such_corpus.txt]}}\n"
+                                "axes: {seed: [0]}\n")
+    exp = tmp_path / "exp"
+    (outcome,) = runner.run_experiment(load_spec(path, exp), exp)
+    assert outcome.status == "crashed" and outcome.returncode == 2
+    assert "no_such_corpus.txt" in outcome.stderr_tail
+    assert "CRASHED (exit 2)" in capsys.readouterr().err
+    rows, _ = summarize(load_experiment(exp))
+    assert rows[0]["status"] == "1 crashed" and rows[0]["crashed_cells"] == "base_s0"
+
+
+@pytest.mark.slow  # five tiny runs, each its own process and compile: minutes on a loaded 2-core CPU
+def test_smoke_experiment_end_to_end(tmp_path, capsys):
+    exp = tmp_path / "smoke"
+    assert main(["ablate", str(SMOKE), "--out", str(exp), "--jobs", "2"]) == 0
+    out = capsys.readouterr()
+    assert out.err.count("] ") >= 5  # one line per finished cell
+
+    with (exp / "summary.csv").open() as f:
+        rows = {r["variant"]: r for r in csv.DictReader(f)}
+    assert list(rows) == ["fp32", "fp16", "fp16_naive_softmax"]
+    for variant in ("fp32", "fp16"):
+        r = rows[variant]
+        assert r["status"] == "2 finished"
+        for key in ("train_ce", "val_ce", "val_perplexity", "val_bits_per_token", "tokens_per_s", "final_loss_scale"):
+            assert math.isfinite(float(r[key])), (variant, key)
+        assert 0 < float(r["val_ce"]) < math.log(256)
+        assert float(r["val_bits_per_token"]) == pytest.approx(float(r["val_ce"]) / math.log(2))
+    assert rows["fp32"]["vs_baseline"] == "baseline" and rows["fp16"]["vs_baseline"] in ("same", "worse", "better")
+    bad = rows["fp16_naive_softmax"]
+    assert bad["status"] == "1 failed" and int(bad["nan_step"]) >= 1 and bad["val_ce"] == ""
+    assert (exp / "cells" / "fp16_naive_softmax_s0" / "failure").exists()
+
+    table = (exp / "table.md").read_text()
+    assert table.count("\n| ") == 4 and "| fp16_naive_softmax | 1 failed |" in table
+    assert {p.name for p in (exp / "plots").iterdir()} >= {"val_loss.png", "loss_scale.png", "final_bars.png"}
+    assert len(list((exp / "tb").iterdir())) == 5  # one shared TensorBoard root, a subdirectory per cell
+
+    assert main(["ablate", str(SMOKE), "--out", str(exp)]) == 0  # re-run: everything is kept
+    assert "5 of 5 cells already done" in capsys.readouterr().err

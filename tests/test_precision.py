@@ -1,0 +1,141 @@
+"""The precision engine through the real train step: policies, loss scaling, telemetry, fp8 meta."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sandbox.config import PrecisionConfig
+from sandbox.errors import UserError
+from sandbox.logger import read_metrics
+from sandbox.precision.fp8 import FP8_META
+from sandbox.precision.policy import PRESETS, make_policy, parse_policy_string
+from sandbox.train.loop import build, initial_state, train
+
+
+def test_presets_and_jmp_strings():
+    bf16 = make_policy(PrecisionConfig(policy="bf16"))
+    assert bf16.param_dtype == jnp.float32 and bf16.compute_dtype == jnp.bfloat16
+    assert bf16.output_dtype == jnp.float32 and bf16.softmax_dtype == jnp.float32
+    assert PRESETS["fp32"].matmul_precision == "highest" and PRESETS["tf32"].matmul_precision == "default"
+    assert make_policy(PrecisionConfig(policy="fp16")).loss_scaling == "dynamic"
+    assert make_policy(PrecisionConfig(policy="fp16_noscale")).loss_scaling == "none"
+    assert PRESETS["bf16_pure"].param_dtype == jnp.bfloat16
+    p = parse_policy_string("params=float32,compute=bfloat16,output=float32")
+    assert (p.param_dtype, p.compute_dtype, p.output_dtype) == (jnp.float32, jnp.bfloat16, jnp.float32)
+    assert parse_policy_string("p=f32,c=f16").loss_scaling == "dynamic"
+    with pytest.raises(UserError, match="unknown dtype 'int8'"):
+        parse_policy_string("params=float32,compute=int8")
+    with pytest.raises(UserError, match="neither a preset"):
+        parse_policy_string("fp12")
+
+
+def test_casts_select_params_only_and_keep_ints():
+    policy = PRESETS["bf16"]
+    tree = {"w": jnp.ones((2, 2)), "ids": jnp.arange(3)}
+    cast = policy.cast_to_compute(tree)
+    assert cast["w"].dtype == jnp.bfloat16 and cast["ids"].dtype == jnp.int32
+
+
+def _final(run_dir, key="loss", n=3):
+    rows = [r for r in read_metrics(run_dir) if r["split"] == "train"]
+    return float(np.mean([r[key] for r in rows[-n:]]))
+
+
+@pytest.fixture(scope="module")
+def policy_runs(tmp_path_factory):
+    """One short run per policy on the same tiny config and seed."""
+    from conftest import tiny_config
+
+    root = tmp_path_factory.mktemp("policies")
+    runs = {}
+    for policy in ("fp32", "bf16", "fp16", "bf16_pure", "fp16_noscale"):
+        cfg = tiny_config(root, policy, sets=[f"precision.policy={policy}", "training.steps=100",
+                                              "training.batch_size=32", "training.eval_every=0"])
+        runs[policy] = train(cfg)
+    return runs
+
+
+def test_low_precision_policies_track_fp32(policy_runs):
+    fp32 = policy_runs["fp32"].summary["val_ce"]
+    for policy in ("bf16", "fp16"):
+        s = policy_runs[policy].summary
+        assert s["status"] == "finished"
+        assert abs(s["val_ce"] - fp32) < 0.05, (policy, s["val_ce"], fp32)
+
+
+def test_fp16_noscale_underflows_and_the_scaler_does_not(policy_runs):
+    noscale = policy_runs["fp16_noscale"].summary["underflow_frac"]
+    scaled = policy_runs["fp16"].summary["underflow_frac"]
+    assert noscale > 0.2 and scaled < 0.01, (noscale, scaled)
+    assert policy_runs["fp16"].summary["final_loss_scale"] > 1.0  # backed off, never collapsed
+
+
+def test_bf16_pure_loses_updates_and_trains_worse(policy_runs):
+    pure, bf16 = policy_runs["bf16_pure"].summary, policy_runs["bf16"].summary
+    assert pure["lost_update_frac"] > 0.3 and bf16["lost_update_frac"] < 0.01
+    assert pure["val_ce"] > bf16["val_ce"] + 0.05
+
+
+def test_overflow_halves_scale_and_skips_bitwise(tiny):
+    # A scale far too large overflows fp16 gradients: every such step must be
+    # skipped with params and optimizer state untouched, and the scale halved.
+    cfg = tiny(sets=["precision.policy=fp16", "precision.loss_scale.init_scale=1e30",
+                     "precision.loss_scale.max_scale=1e30", "training.steps=4"])
+    run = build(cfg)
+    state = initial_state(run)
+    before = jax.device_get(state)
+    new, m = run.step_fn(state, run.pipeline.train_batch(0).as_dict())
+    m, new = jax.device_get((m, new))
+    assert bool(m["overflow"]) and not bool(m["applied"]) and not bool(m["nonfinite"])
+    assert float(new.loss_scale.scale) == pytest.approx(0.5e30, rel=1e-6)
+    assert new.loss_scale.scale.dtype == np.float32
+    same = jax.tree.map(lambda a, b: np.array_equal(a, b), (before.params, before.opt_state),
+                        (new.params, new.opt_state))
+    assert all(jax.tree.leaves(same)) and int(new.opt_step) == 0
+    assert m["nonfinite_leaves"].any()
+
+
+def test_overflow_events_logged_and_scale_recovers(tiny):
+    r = train(tiny(sets=["precision.policy=fp16", "precision.loss_scale.init_scale=1e12", "precision.loss_scale.max_scale=1e12",
+                         "training.steps=40", "logging.progress=false"]))
+    events = [e for e in read_metrics(r.run_dir) if e["split"] == "event"]
+    assert events and all("overflow" in e["event"] for e in events)
+    assert events[0]["loss_scale_after"] == pytest.approx(events[0]["loss_scale_before"] / 2)
+    assert r.summary["overflow_skips"] == len(events)
+    assert r.summary["final_loss_scale"] < 1e12 and r.status == "finished"
+
+
+def test_fp8_meta_updates_outside_the_optimizer(tiny):
+    cfg = tiny(sets=["precision.policy=fp8", "training.steps=3"])
+    run = build(cfg)
+    state = initial_state(run)
+    assert state.fp8_meta and FP8_META not in str(jax.tree_util.tree_structure(state.opt_state))
+    n_opt_leaves = len(jax.tree.leaves(state.opt_state))
+    batch = run.pipeline.train_batch(0).as_dict()
+    new, m = run.step_fn(state, batch)
+    new = jax.device_get(new)
+    qkv = new.fp8_meta["block_0"]["qkv"]["Fp8DotGeneral_0"]
+    hist = qkv["input_amax_history"]
+    assert hist[0] > 0 and np.all(hist[1:] == 0)  # this step's amax recorded in slot 0
+    assert qkv["input_scale"] == pytest.approx(448.0 / hist[0], rel=1e-5)
+    assert len(jax.tree.leaves(new.opt_state)) == n_opt_leaves
+    assert all(leaf.dtype == np.float32 for leaf in jax.tree.leaves(new.fp8_meta))
+    assert "fp8" in m and any(k.endswith("input_scale") for k in m["fp8"])
+
+
+def test_fp8_amax_is_max_over_microbatches(tiny):
+    # Under accumulation the amax history must hold the max over microbatches, not the last one.
+    one = tiny(sets=["precision.policy=fp8", "training.batch_size=8"])
+    two = tiny(sets=["precision.policy=fp8", "training.batch_size=16", "optimizer.accum_steps=2"])
+    r1, r2 = build(one), build(two)
+    batch = r2.pipeline.train_batch(0).as_dict()
+    halves = [{k: v[i * 8:(i + 1) * 8] for k, v in batch.items()} for i in range(2)]
+    amaxes = []
+    for half in halves:
+        s, _ = r1.step_fn(initial_state(r1), half)
+        amaxes.append(float(s.fp8_meta["block_0"]["fc"]["Fp8DotGeneral_0"]["input_amax_history"][0]))
+    s2, _ = r2.step_fn(initial_state(r2), batch)
+    got = float(s2.fp8_meta["block_0"]["fc"]["Fp8DotGeneral_0"]["input_amax_history"][0])
+    assert amaxes[0] != amaxes[1]
+    assert got == pytest.approx(max(amaxes), rel=1e-6)
