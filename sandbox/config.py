@@ -249,6 +249,8 @@ def _build(cls, raw: dict, prefix: str = ""):
     for key in raw:
         if key not in fields:
             where = f"{prefix}.{key}" if prefix else str(key)
+            if not where.isprintable():  # a key with a newline would break the one-line error
+                where = repr(where)[1:-1]
             valid = ", ".join(sorted(fields))
             raise UserError(f"unknown config key '{where}' (valid keys here: {valid})")
     kwargs = {}

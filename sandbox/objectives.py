@@ -7,13 +7,51 @@ terms are logged separately.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 from sandbox import infotheory
 
 
-def lm_objective(logits_BTV, targets_BT, *, label_smoothing: float = 0.0):
-    """Mean next-token cross-entropy in nats (fp32), and its parts."""
+def lm_objective(logits_BTV, targets_BT, *, label_smoothing: float = 0.0, naive_log_softmax: bool = False):
+    """Mean next-token cross-entropy in nats (fp32), and its parts.
+
+    `naive_log_softmax` is a teaching ablation that fails on purpose: log(softmax(x))
+    instead of log_softmax(x), so a target probability that underflows to 0 gives
+    log(0) = -inf (see experiments/failures/log_softmax_underflow.yaml).
+    """
+    if naive_log_softmax:
+        with jax.named_scope("naive_log_softmax"):
+            probs_BTV = jax.nn.softmax(logits_BTV, axis=-1)
+            logp_BT = jnp.log(jnp.take_along_axis(probs_BTV, targets_BT[..., None], axis=-1)[..., 0])
+        loss = -jnp.mean(logp_BT)
+        return loss, {"ce": loss}
     ce_BT = infotheory.cross_entropy(logits_BTV, targets_BT, label_smoothing=label_smoothing)
     loss = jnp.mean(ce_BT)
     return loss, {"ce": loss}
+
+
+def kl_objective(logits_BTV, targets_BT, ref_logits_BTV=None, *, beta=0.0, direction: str = "reverse",
+                 **ce_kwargs):
+    """CE + beta * KL to a frozen reference, with every part logged.
+
+    Both distributions are log-softmaxed in fp32 and the KL is computed from
+    log-probabilities, per token over the full vocabulary, then averaged.
+    `ref_logits_BTV` must already be under stop_gradient (the step does it).
+    reverse = KL(model || reference): mode-seeking, penalises mass the
+    reference lacks; forward = KL(reference || model): mass-covering.
+    Both directions are returned as metrics whichever one is optimised.
+    Without a reference the loss is `lm_objective`'s, plus the entropy of
+    the model's predictive distribution (cheap, and worth watching).
+    """
+    ce, parts = lm_objective(logits_BTV, targets_BT, **ce_kwargs)
+    parts = dict(parts, entropy=jnp.mean(infotheory.entropy(logits_BTV)))
+    if ref_logits_BTV is None:
+        return ce, parts
+    reverse = jnp.mean(infotheory.kl_divergence(logits_BTV, ref_logits_BTV))
+    forward = jnp.mean(infotheory.kl_divergence(ref_logits_BTV, logits_BTV))
+    kl = reverse if direction == "reverse" else forward
+    loss = ce + beta * kl
+    parts.update(ce=ce, kl=kl, beta=jnp.asarray(beta, jnp.float32), kl_to_reference_reverse=reverse,
+                 kl_to_reference_forward=forward)
+    return loss, parts

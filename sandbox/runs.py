@@ -46,7 +46,10 @@ def load_run_state(run_dir: str | Path, step: int | None = None):
         steps = ckpt.steps()
         if not steps:
             raise UserError(f"{run_dir}: no checkpoint found")
-        step = steps[-1] if step is None else step
+        if step is None:  # the newest intact one; corrupt ones are skipped with a warning
+            step = ckpt.newest_valid()
+            if step is None:
+                raise UserError(f"{run_dir}: no intact checkpoint (all of {steps} fail their checksums)")
         if step not in steps:
             raise UserError(f"{run_dir}: no checkpoint at step {step} (have {steps})")
         state, _ = ckpt.restore(step, abstract_of(abstract))

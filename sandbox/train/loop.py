@@ -8,6 +8,7 @@ SIGINT/SIGTERM finish the current step, save a checkpoint and return.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -19,15 +20,18 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from sandbox import config as config_lib
+from sandbox import sharding
 from sandbox.checkpoint import Checkpointer, abstract_of
 from sandbox.data import make_pipeline
 from sandbox.errors import UserError
 from sandbox.logger import RunLogger, flatten
 from sandbox.model import GPT, count_params
 from sandbox.precision.policy import make_loss_scaler, make_policy
+from sandbox.reference import describe as describe_kl, fp32_twin, load_reference
 from sandbox.train.hooks import Hooks
 from sandbox.train.state import TrainState, init_state, make_optimizer, make_schedule
 from sandbox.train.step import StepContext, eval_step, train_step
@@ -64,21 +68,56 @@ def build(cfg: config_lib.Config) -> Run:
     model = GPT(cfg.model, policy)
     scaler = make_loss_scaler(policy, cfg.precision.loss_scale)
     total = cfg.training.steps
+    reference = load_reference(cfg)  # a bad reference fails here, before anything is written
     ctx = StepContext(model=model, policy=policy, scaler=scaler, tx=make_optimizer(cfg.optimizer, total),
                       schedule=make_schedule(cfg.optimizer, total), seed=cfg.seed,
                       accum_steps=cfg.optimizer.accum_steps, label_smoothing=cfg.objective.label_smoothing,
                       nan_policy=cfg.forensics.nan_policy, skip_spikes=cfg.forensics.skip_spikes,
-                      spike_sigma=cfg.forensics.spike_sigma, collect_stats=cfg.forensics.activations)
+                      spike_sigma=cfg.forensics.spike_sigma, collect_stats=cfg.forensics.activations,
+                      naive_log_softmax=cfg.precision.naive_log_softmax)
+    ctx = dataclasses.replace(ctx, kl=reference[0] if reference else None, twin=fp32_twin(cfg.model))
     run = Run(cfg, pipeline, policy, ctx)
-    run.step_fn = jax.jit(functools.partial(train_step, ctx=ctx), donate_argnums=0)
-    run.eval_fn = jax.jit(functools.partial(eval_step, ctx=ctx))
+    # Explicit shardings (sandbox/sharding.py): the state's layout is fixed at compile time, so a
+    # step never reshards its input and the donated buffers are reused in place.
+    mesh = sharding.make_mesh(cfg.mesh)
+    sharding.check_batch(cfg.training.batch_size, cfg.optimizer.accum_steps, mesh)
+    abstract = jax.eval_shape(lambda: _init(run))
+    state_sh = sharding.state_shardings(abstract, mesh)
+    batch_sh, repl = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+    run.extra.update(mesh=mesh, state_shardings=state_sh, batch_sharding=batch_sh,
+                     abstract_state=abstract_of(abstract, state_sh))
+    # The KL reference's weights are a third, non-donated argument: call step_fn(state, batch,
+    # *run.extra["frozen"]) and eval_fn(params, meta, batch, *run.extra["frozen"]).
+    run.extra["frozen"] = (sharding.place(reference[1], repl),) if reference else ()
+    if reference and cfg.objective.kl.init_from_reference:
+        run.extra["init_params"] = reference[1]["params"]
+    frozen_sh = (repl,) * len(run.extra["frozen"])
+    run.step_fn = jax.jit(functools.partial(train_step, ctx=ctx), in_shardings=(state_sh, batch_sh, *frozen_sh),
+                          out_shardings=(state_sh, repl), donate_argnums=0)
+    run.eval_fn = jax.jit(functools.partial(eval_step, ctx=ctx), out_shardings=repl,
+                          in_shardings=(state_sh.params, state_sh.fp8_meta, batch_sh, *frozen_sh))
     return run
 
 
-def initial_state(run: Run) -> TrainState:
+def _init(run: Run) -> TrainState:
     cfg = run.cfg
     return init_state(run.ctx.model, run.ctx.tx, run.ctx.scaler, cfg.seed, cfg.model.context,
                       cfg.forensics.spike_window)
+
+
+def initial_state(run: Run) -> TrainState:
+    """The step-0 state, placed on the run's mesh."""
+    state = _init(run)
+    if "init_params" in run.extra:  # a fine-tune starts at the KL reference (same architecture, checked)
+        # copy=True: the state is donated each step, and must not alias the frozen reference buffers
+        state = state._replace(params=jax.tree.map(lambda r, p: jnp.array(r, p.dtype, copy=True),
+                                                   run.extra["init_params"], state.params))
+    return sharding.place(state, run.extra["state_shardings"])
+
+
+def place_batch(run: Run, batch) -> dict:
+    """A host batch (Batch or dict) as global arrays split over the mesh's batch axes."""
+    return sharding.place_batch(batch if isinstance(batch, dict) else batch.as_dict(), run.extra["batch_sharding"])
 
 
 def leaf_paths(tree) -> list[str]:
@@ -137,21 +176,24 @@ class Trainer:
         return path
 
     def restore_or_init(self) -> TrainState:
-        state = initial_state(self.run)
-        if not self.resume:
-            return state
-        step = self.ckpt.latest_step()
+        # --resume walks back past truncated/bit-flipped checkpoints (moved aside, not deleted).
+        step = self.ckpt.newest_valid(report=self._print) if self.resume else None
         if step is None:
-            return state
-        state, _ = self.ckpt.restore(step, abstract_of(state))
+            if self.resume and self.ckpt.directory.exists() and any(self.ckpt.directory.iterdir()):
+                self._print("no valid checkpoint to resume from; starting at step 0")
+            return initial_state(self.run)
+        # Restore onto this run's mesh, whatever mesh wrote it (4 devices -> 1 works).
+        state, _ = self.ckpt.restore(step, self.run.extra["abstract_state"])
         return state
 
-    def evaluate(self, state: TrainState) -> dict:
-        p = self.run.pipeline
-        ces = [self.run.eval_fn(state.params, state.fp8_meta, p.val_batch(i).as_dict())["ce"]
-               for i in range(self.cfg.training.eval_batches)]
-        ce = float(np.mean(jax.device_get(ces)))
-        return self._derived(ce)
+    def evaluate(self, state: TrainState, batches: int | None = None) -> dict:
+        """Means over val batches: ce (+ derived), entropy, precision_drift, kl_to_reference_*."""
+        p, frozen = self.run.pipeline, self.run.extra.get("frozen", ())
+        n = self.cfg.training.eval_batches if batches is None else batches
+        rows = jax.device_get([self.run.eval_fn(state.params, state.fp8_meta,
+                                                place_batch(self.run, p.val_batch(i)), *frozen) for i in range(n)])
+        means = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+        return {**self._derived(means["ce"]), **means}
 
     def _derived(self, ce: float) -> dict:
         out = {"ce": ce, "bits_per_token": ce / LN2, "perplexity": math.exp(min(ce, 700.0))}
@@ -168,7 +210,8 @@ class Trainer:
         for i, (step, m) in enumerate(rows):
             leaves = m.pop("nonfinite_leaves", None)
             scalars = flatten(m)
-            scalars.update({k: v for k, v in self._derived(scalars["loss"]).items() if k != "ce"})
+            # ppl/bits/kl_to_source describe the CE part (the loss may carry beta * KL too)
+            scalars.update({k: v for k, v in self._derived(scalars.get("ce", scalars["loss"])).items() if k != "ce"})
             scalars["tokens_per_s"] = tokens_per_s
             scalars["step_time"] = step_time
             done = step + 1
@@ -179,7 +222,7 @@ class Trainer:
                          "nonfinite_grads": ",".join(bad[:6]) + (f" (+{len(bad) - 6} more)" if len(bad) > 6 else "")}
                 self.events.append({"step": done, "event": "overflow", **event})
                 self.log.event(done, "overflow (step skipped)", event)
-                self.hooks("on_overflow", step=done, event=event, state=None)
+                self.hooks("on_overflow", step=done, metrics=event, state=None)
             if scalars.get("spike"):
                 self.log.event(done, "loss spike (update skipped)", {"loss": scalars["loss"]})
             self.log.log(done, "train", scalars)
@@ -210,6 +253,8 @@ class Trainer:
                            f"policy {run.policy.name} ({run.policy.describe()})")
         else:
             self.log.print(f"run {self.run_dir}: resumed at step {start}")
+        if run.ctx.kl is not None:
+            self.log.print(f"objective: CE + {describe_kl(cfg)}")
         old_handlers = self._install_signal_handlers()
         t_start = time.perf_counter()
         pending: list[tuple[int, dict]] = []
@@ -218,9 +263,11 @@ class Trainer:
         last_val = None
         tokens_per_step = cfg.training.batch_size * cfg.model.context
         try:
-            batches = run.pipeline.prefetch_train(start, total, cfg.data.prefetch, lambda b: b.as_dict())
+            # Host-to-device copies happen on the prefetch thread, off the step's critical path.
+            batches = run.pipeline.prefetch_train(start, total, cfg.data.prefetch,
+                                                  functools.partial(place_batch, run))
             for step, batch in zip(range(start, total), batches):
-                state, metrics = run.step_fn(state, batch)
+                state, metrics = run.step_fn(state, batch, *run.extra.get("frozen", ()))
                 pending.append((step, metrics))
                 steps_since += 1
                 done = step + 1
@@ -241,6 +288,10 @@ class Trainer:
                     if failed_step is not None:
                         status = "failed"
                         break
+                drift_every = cfg.objective.drift_every
+                if drift_every and done % drift_every == 0 and not at_eval and done != total:
+                    drift = self.evaluate(state, batches=1)["precision_drift"]
+                    self.log.log(done, "val", {"precision_drift": drift})
                 if at_eval and done != total:
                     last_val = self.evaluate(state)
                     self.log.log(done, "val", last_val)
@@ -286,7 +337,7 @@ class Trainer:
             "status": status,
             "steps": int(state.step),
             "policy": self.run.policy.name,
-            "train_ce": float(np.mean([r["loss"] for r in tail])) if tail else None,
+            "train_ce": float(np.mean([r.get("ce", r["loss"]) for r in tail])) if tail else None,
             "val_ce": last_val["ce"] if last_val else None,
             "val_bits_per_token": last_val["bits_per_token"] if last_val else None,
             "val_perplexity": last_val["perplexity"] if last_val else None,
@@ -308,6 +359,9 @@ class Trainer:
         sat = [v for r in self.history for k, v in r.items() if k.startswith("fp8_stats/") and "saturated" in k]
         if sat:
             s["fp8_saturated_frac"] = float(np.max(sat))
+        for key in ("entropy", "precision_drift", "kl_to_reference_reverse", "kl_to_reference_forward"):
+            if last_val and key in last_val:
+                s[key if key == "precision_drift" else f"val_{key}"] = last_val[key]
         if last_val and "kl_to_source" in last_val:
             s["val_kl_to_source"] = last_val["kl_to_source"]
             s["entropy_rate"] = self.run.pipeline.info["entropy_rate"]

@@ -34,10 +34,11 @@ import jax.numpy as jnp
 import optax
 
 from sandbox.model import GPT, STATS
-from sandbox.objectives import lm_objective
+from sandbox.objectives import kl_objective
 from sandbox.precision.fp8 import FP8_STATS, combine_observed, update_fp8_meta
 from sandbox.precision.loss_scale import LossScaler, all_finite, nonfinite_leaf_mask, select_tree
 from sandbox.precision.policy import FP8_DTYPES, Policy
+from sandbox.reference import frozen_logits, precision_drift
 from sandbox.train.state import GuardState, TrainState
 
 
@@ -57,6 +58,10 @@ class StepContext:
     skip_spikes: bool = False
     spike_sigma: float = 6.0
     collect_stats: bool = False  # per-block activation statistics
+    guard: bool = True  # False only to measure the guard's cost (scripts/bench_step.py): updates always applied
+    naive_log_softmax: bool = False  # teaching ablation: the loss takes log(softmax) (objectives.py)
+    kl: Any = None  # reference.KLTerm when objective.kl is on; its weights come in as `frozen`
+    twin: Any = None  # fp32 twin GPT for precision drift in eval_step (reference.fp32_twin)
 
     @property
     def mutable(self) -> list[str]:
@@ -87,7 +92,8 @@ def _boundary_stats(dlogits_scaled, compute_dtype) -> dict:
     }
 
 
-def microbatch_grads(ctx: StepContext, params, fp8_meta, inputs_BT, targets_BT, scale, key):
+def microbatch_grads(ctx: StepContext, params, fp8_meta, inputs_BT, targets_BT, scale, key,
+                     ref_logits=None, beta=0.0):
     """Scaled grads (param dtype), observed fp8 amaxes, loss and auxiliary metrics of one microbatch."""
     policy = ctx.policy
 
@@ -96,8 +102,9 @@ def microbatch_grads(ctx: StepContext, params, fp8_meta, inputs_BT, targets_BT, 
 
     logits, vjp_fn, sown = jax.vjp(fwd, params, fp8_meta, has_aux=True)
 
-    def objective(lg):
-        return lm_objective(lg, targets_BT, label_smoothing=ctx.label_smoothing)
+    def objective(lg):  # ref_logits is a stop_gradient constant: only the model's logits get d/d
+        return kl_objective(lg, targets_BT, ref_logits, beta=beta, direction=ctx.kl.direction if ctx.kl else "",
+                            label_smoothing=ctx.label_smoothing, naive_log_softmax=ctx.naive_log_softmax)
 
     (loss, parts), dlogits = jax.value_and_grad(objective, has_aux=True)(logits)
     dlogits_scaled = dlogits * scale.astype(dlogits.dtype)
@@ -114,13 +121,15 @@ def _to_f32(tree):
     return jax.tree.map(lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
-def _accumulate(ctx: StepContext, state: TrainState, batch, key):
+def _accumulate(ctx: StepContext, state: TrainState, batch, key, frozen=None):
     """Microbatch results combined: grads summed in fp32, amaxes and activation stats max-reduced."""
     n = ctx.accum_steps
+    beta = ctx.kl.beta_at(state.step) if ctx.kl else 0.0
 
     def run(i, mb):
+        ref_logits = ctx.kl.logits(frozen, mb["inputs"]) if ctx.kl else None
         return microbatch_grads(ctx, state.params, state.fp8_meta, mb["inputs"], mb["targets"],
-                                state.loss_scale.scale, jax.random.fold_in(key, i))
+                                state.loss_scale.scale, jax.random.fold_in(key, i), ref_logits, beta)
 
     if n == 1:
         return run(0, batch)
@@ -163,10 +172,11 @@ def _spike(ctx: StepContext, window, loss):
     return (n >= window.shape[0] // 2) & (loss > mean + ctx.spike_sigma * jnp.sqrt(var))
 
 
-def train_step(state: TrainState, batch, *, ctx: StepContext):
+def train_step(state: TrainState, batch, frozen=None, *, ctx: StepContext):
+    """`frozen`: the KL reference's {"params", "fp8_meta"} (not donated, not in the state), or None."""
     policy, scaler = ctx.policy, ctx.scaler
     key = jax.random.fold_in(jax.random.key(ctx.seed), state.step)
-    grads, observed, loss, aux, sown = _accumulate(ctx, state, batch, key)
+    grads, observed, loss, aux, sown = _accumulate(ctx, state, batch, key, frozen)
     grads32 = jax.tree.map(lambda g: g / ctx.accum_steps, scaler.unscale(grads, state.loss_scale))
 
     loss_finite = jnp.isfinite(loss)
@@ -175,7 +185,7 @@ def train_step(state: TrainState, batch, *, ctx: StepContext):
     updates, new_opt = ctx.tx.update(policy.cast_to_param(grads32), state.opt_state, state.params)
     new_opt = jax.tree.map(lambda n, o: n.astype(o.dtype), new_opt, state.opt_state)
     new_params = optax.apply_updates(state.params, updates)
-    params_finite = all_finite(new_params)
+    params_finite = all_finite(new_params) if ctx.guard else jnp.bool_(True)
 
     overflow = loss_finite & ~grads_finite & dynamic  # the scaler's business, not a failure
     failure = ~loss_finite | (~grads_finite & ~dynamic) | (grads_finite & ~params_finite)
@@ -183,6 +193,8 @@ def train_step(state: TrainState, batch, *, ctx: StepContext):
     guard = state.guard
     frozen = (guard.failed_step >= 0) & (ctx.nan_policy != "skip")  # halt/capture: keep pre-failure state
     apply = grads_finite & loss_finite & params_finite & ~spike & ~frozen
+    if not ctx.guard:  # constant: XLA folds the selects below away
+        apply = jnp.bool_(True)
 
     new_meta = state.fp8_meta
     if state.fp8_meta:
@@ -221,7 +233,7 @@ def train_step(state: TrainState, batch, *, ctx: StepContext):
         "failed_step": new_guard.failed_step,
         **{k: v for k, v in aux.items() if k != "loss"},
     }
-    if dynamic or ctx.nan_policy != "skip":
+    if ctx.guard and (dynamic or ctx.nan_policy != "skip"):
         metrics["nonfinite_leaves"] = jnp.stack(jax.tree.leaves(nonfinite_leaf_mask(grads32)))
     if policy.telemetry:
         changed = jax.tree.map(lambda u: u != 0, updates)
@@ -237,8 +249,17 @@ def train_step(state: TrainState, batch, *, ctx: StepContext):
     return new_state, metrics
 
 
-def eval_step(params, fp8_meta, batch, *, ctx: StepContext):
-    """Summed cross-entropy (nats) and token count of one validation batch."""
+def eval_step(params, fp8_meta, batch, frozen=None, *, ctx: StepContext):
+    """Mean cross-entropy (nats), entropy, KL to the reference and precision drift of one val batch.
+
+    Precision drift = KL(policy forward || fp32 forward of the same weights), the fp32
+    twin run without fp8 meta: what the precision policy alone does to the prediction.
+    """
     logits, _ = forward(ctx, params, fp8_meta, batch["inputs"])
-    loss, _ = lm_objective(logits, batch["targets"])
-    return {"ce": loss}
+    ref = ctx.kl.logits(frozen, batch["inputs"]) if ctx.kl else None
+    _, out = kl_objective(logits, batch["targets"], ref, direction=ctx.kl.direction if ctx.kl else "")
+    out = {k: v for k, v in out.items() if k not in ("kl", "beta")}
+    if ctx.twin is not None:
+        twin = frozen_logits(ctx.twin, ctx.twin.policy, {"params": params}, batch["inputs"])
+        out["precision_drift"] = precision_drift(logits, twin)
+    return out

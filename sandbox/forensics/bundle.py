@@ -1,0 +1,214 @@
+"""Failure bundles: everything needed to re-run the step that went non-finite.
+
+Design
+------
+The guard in the train step freezes the state at the first failure (nan_policy
+halt/capture), so when the loop reads the flag, one log interval later, the
+state it holds is exactly the state *before* the bad step: parameters,
+optimizer state, loss-scale and fp8 state, guard counters. Only the step
+counter kept ticking, so the bundle rewinds it (`step = failed_step`) and
+clears the guard's failure mark; then `train_step(state, batch)` on the bad
+step's batch is the failed call, bit for bit (the step's RNG key is
+`fold_in(key(seed), state.step)`, microbatch i uses `fold_in(that, i)`).
+
+Layout of a bundle directory (nothing in it is ever unpickled or executed):
+
+  state.safetensors  every TrainState leaf, keyed by its pytree path
+                     ('params/block_0/attention/qkv/kernel', 'opt_state/1/0/mu/...');
+                     bf16/fp8 leaves are stored as same-width unsigned ints and
+                     viewed back through the dtype recorded in meta.json
+  batch.safetensors  the exact batch of the failed step ('inputs', 'targets')
+  meta.json          format tag, resolved config, failed step, seed and the RNG
+                     rule, policy, leaf dtypes and shapes, the failed step's
+                     recorded metrics, the last N metric rows, sha256 of each file
+  summary.txt        a few human lines: what failed, where, how to replay
+
+`load_bundle` checks the format tag, that the directory holds exactly the
+listed files, every sha256, and that each array has the recorded dtype and
+shape; anything else is a one-line UserError.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_dtypes
+import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load_file, save_file
+
+from sandbox import config as config_lib
+from sandbox.errors import UserError
+
+FORMAT = "sandbox-failure-bundle/1"
+META, STATE, BATCH, SUMMARY = "meta.json", "state.safetensors", "batch.safetensors", "summary.txt"
+RNG_RULE = "step key = fold_in(key(seed), step); microbatch i key = fold_in(step key, i)"
+# Dtypes NumPy (and so safetensors.numpy) cannot name: stored bit-for-bit as same-width uints.
+_EXOTIC = {"bfloat16": ml_dtypes.bfloat16, "float8_e4m3fn": ml_dtypes.float8_e4m3fn,
+           "float8_e5m2": ml_dtypes.float8_e5m2}
+_UINT = {1: np.uint8, 2: np.uint16}
+
+
+@dataclass
+class Bundle:
+    path: Path
+    meta: dict
+    arrays: dict[str, np.ndarray]  # state leaves by path, in their true dtypes
+    batch: dict[str, np.ndarray]
+
+    @property
+    def cfg(self) -> config_lib.Config:
+        return config_lib.from_dict(self.meta["config"])
+
+    @property
+    def failed_step(self) -> int:
+        return int(self.meta["failed_step"])
+
+
+def leaf_key(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+
+
+def flatten_state(state) -> dict[str, np.ndarray]:
+    """{pytree path: host array} for every leaf (a NamedTuple's fields by name)."""
+    return {leaf_key(p): np.asarray(jax.device_get(x)) for p, x in jax.tree_util.tree_flatten_with_path(state)[0]}
+
+
+def _encode(arrays: dict[str, np.ndarray]) -> tuple[dict, dict]:
+    stored, info = {}, {}
+    for k, a in arrays.items():
+        a = np.array(a, order="C")  # (ascontiguousarray would make 0-d arrays 1-d)
+        name = a.dtype.name
+        stored[k] = a.view(_UINT[a.dtype.itemsize]) if name in _EXOTIC else a
+        info[k] = {"dtype": name, "shape": list(a.shape)}
+    return stored, info
+
+
+def _decode(stored: dict, info: dict, what: Path) -> dict[str, np.ndarray]:
+    if set(stored) != set(info):
+        raise UserError(f"{what}: arrays {sorted(set(stored) ^ set(info))[:3]} do not match meta.json")
+    out = {}
+    for k, a in stored.items():
+        dtype, shape = info[k]["dtype"], tuple(info[k]["shape"])
+        a = a.view(_EXOTIC[dtype]) if dtype in _EXOTIC else a
+        if a.dtype.name != dtype or a.shape != shape:
+            raise UserError(f"{what}: {k} is {a.dtype.name}{list(a.shape)}, meta.json says {dtype}{list(shape)}")
+        out[k] = a
+    return out
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _json_safe(v: Any):
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)  # JSON has no nan/inf
+    return v
+
+
+def pre_failure_state(state, failed_step: int):
+    """The held (frozen) state as it was when the bad step started: counter rewound, guard cleared."""
+    g = state.guard
+    counted = int(jax.device_get(g.failed_step)) >= 0  # the failure itself was counted once
+    guard = g._replace(failed_step=np.int32(-1),
+                       skipped_nonfinite=np.int32(max(0, int(jax.device_get(g.skipped_nonfinite)) - counted)))
+    return state._replace(step=np.int32(failed_step), guard=guard)
+
+
+def save_bundle(path: Path, cfg: config_lib.Config, state, batch: dict, failed_step: int,
+                history: list[dict]) -> Path:
+    """Write the bundle of the failed step `failed_step` (0-based) to directory `path`."""
+    path = Path(path)
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    state = pre_failure_state(state, failed_step)
+    stored, state_info = _encode(flatten_state(state))
+    save_file(stored, str(path / STATE))
+    batch_np = {k: np.asarray(jax.device_get(v)) for k, v in batch.items()}
+    stored_b, batch_info = _encode(batch_np)
+    save_file(stored_b, str(path / BATCH))
+
+    done = failed_step + 1  # history rows are keyed by steps completed
+    rows = [{k: _json_safe(v) for k, v in r.items()} for r in history if r["step"] <= done]
+    failed_row = next((r for r in rows if r["step"] == done), {})
+    recorded = {k: failed_row[k] for k in ("loss", "grad_norm", "nonfinite", "loss_scale") if k in failed_row}
+    summary = _summary_text(cfg, failed_step, recorded, path)
+    (path / SUMMARY).write_text(summary, encoding="utf-8")
+    from sandbox.precision.policy import make_policy
+
+    meta = {
+        "format": FORMAT,
+        "failed_step": failed_step,
+        "seed": cfg.seed,
+        "rng_rule": RNG_RULE,
+        "policy": make_policy(cfg.precision).describe(),
+        "config": config_lib.to_dict(cfg),
+        "devices": [str(d) for d in jax.devices()],
+        "recorded": recorded,
+        "history": rows,
+        "state_leaves": state_info,
+        "batch_leaves": batch_info,
+        "sha256": {name: _sha256(path / name) for name in (STATE, BATCH, SUMMARY)},
+    }
+    (path / META).write_text(json.dumps(meta, indent=1), encoding="utf-8")
+    return path
+
+
+def _summary_text(cfg, failed_step: int, recorded: dict, path: Path) -> str:
+    loss = recorded.get("loss", "?")
+    return (f"Run {cfg.name}: non-finite values at step {failed_step + 1} (0-based step {failed_step}).\n"
+            f"Policy {cfg.precision.policy}, seed {cfg.seed}, nan_policy {cfg.forensics.nan_policy}.\n"
+            f"Recorded loss {loss}, grad norm {recorded.get('grad_norm', '?')}.\n"
+            f"The state here is the state before that step; the batch is that step's batch.\n"
+            f"Find the first bad operation with: sandbox replay {path}\n")
+
+
+def _read_meta(path: Path) -> dict:
+    if not path.exists():
+        raise UserError(f"{path}: no such bundle")
+    if not path.is_dir():
+        raise UserError(f"{path}: a bundle is a directory (the run's failure/ folder)")
+    try:
+        meta = json.loads((path / META).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path}: not a failure bundle ({META} missing)") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path / META}: damaged ({e.__class__.__name__})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise UserError(f"{path / META}: not a {FORMAT} bundle")
+    return meta
+
+
+def load_bundle(path: str | Path) -> Bundle:
+    """Read and verify a bundle; any damage or foreign file is a one-line UserError."""
+    path = Path(path)
+    meta = _read_meta(path)
+    sums = meta.get("sha256") or {}
+    if set(sums) != {STATE, BATCH, SUMMARY}:
+        raise UserError(f"{path / META}: checksum list damaged")
+    extra = sorted(p.name for p in path.iterdir() if p.name not in sums and p.name != META)
+    if extra:
+        raise UserError(f"{path}: unexpected file {extra[0]} in the bundle (refusing to load it)")
+    for name, digest in sums.items():
+        f = path / name
+        if not f.is_file():
+            raise UserError(f"{f}: missing from the bundle")
+        if _sha256(f) != digest:
+            kind = " (a pickle, refused)" if f.read_bytes()[:1] == b"\x80" else ""
+            raise UserError(f"{f}: checksum mismatch, the bundle was modified or damaged{kind}")
+    try:
+        arrays = _decode(load_file(str(path / STATE)), meta["state_leaves"], path / STATE)
+        batch = _decode(load_file(str(path / BATCH)), meta["batch_leaves"], path / BATCH)
+        config_lib.from_dict(meta["config"])
+    except (SafetensorError, KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{path}: damaged bundle ({e.__class__.__name__}: {str(e).splitlines()[0][:120]})") from None
+    return Bundle(path, meta, arrays, batch)

@@ -1,0 +1,196 @@
+"""Replay a failure bundle: reproduce the bad step, then name its first bad op and cause.
+
+Design
+------
+1. Rebuild. The bundle's resolved config rebuilds the StepContext exactly as
+   the run did (`loop.build`); `jax.eval_shape(initial_state)` gives the
+   state's structure without computing anything, and the bundle's arrays fill
+   it leaf by leaf (paths, dtypes and shapes must all match).
+2. Reproduce. The jitted `train_step` runs on the bundle's batch. It must flag
+   the step non-finite again, with the same loss (NaN matches NaN) as the run
+   recorded; the report says whether it did.
+3. Localize. `localize_nonfinite` interprets the step's gradient computation
+   (`microbatch_grads`: forward, objective, backward) op by op in execution
+   order and returns the first op whose inputs were all finite and whose
+   output was not. If the gradients are finite, the failure is in the update
+   (finite gradients, non-finite new parameters), so the optimizer update is
+   localized next.
+4. Explain. The op's cause comes from `causes.classify`. The metrics history
+   in the bundle goes through `classify_divergence`: when the gradient norm or
+   loss was blowing up *and* the bad op is a plain fp32 range failure (fp32
+   overflowing means values diverged, not that the format is too narrow) or
+   the update itself, the headline cause is `exploding_update`. A low
+   precision overflow stays a format problem even if the loss was rising.
+
+Works for runs compiled for several devices: the localizer drops placement
+and replays on one CPU device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from sandbox.errors import UserError
+from sandbox.forensics.bundle import Bundle, leaf_key
+from sandbox.forensics.causes import classify_divergence
+from sandbox.forensics.localize import Origin, format_origin, localize_nonfinite
+
+# Op causes that, in fp32, mean "the values diverged upstream" rather than "the format is too narrow".
+_RANGE_CAUSES = frozenset({"overflow", "invalid_operation", "exp_overflow", "nonfinite_propagated"})
+
+
+@dataclasses.dataclass
+class ReplayReport:
+    bundle: str
+    failed_step: int  # 0-based index of the step that failed
+    recorded_loss: Any
+    replayed_loss: float
+    reproduced: bool
+    phase: str  # 'gradients' | 'update' | 'none'
+    origin: Origin | None
+    divergence: tuple[str, str, str] | None
+    cause: str
+    explanation: str
+    remedy: str
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["origin"] = self.origin.to_dict() if self.origin else None
+        d["replayed_loss"] = _json_float(self.replayed_loss)
+        d["divergence"] = list(self.divergence) if self.divergence else None
+        if self.origin:
+            d["module_path"] = self.origin.name_stack
+            d["op"] = self.origin.primitive
+        return d
+
+
+def _json_float(v):
+    return v if isinstance(v, (int, float)) and math.isfinite(v) else str(v)
+
+
+def _same(recorded, replayed: float) -> bool:
+    try:
+        r = float(recorded)
+    except (TypeError, ValueError):
+        return False
+    return (math.isnan(r) and math.isnan(replayed)) or r == replayed
+
+
+def rebuild_state(run, bundle: Bundle):
+    """The bundle's arrays in the structure `initial_state(run)` would have."""
+    from sandbox.train.loop import initial_state
+
+    abstract = jax.eval_shape(lambda: initial_state(run))
+    paths, treedef = jax.tree_util.tree_flatten_with_path(abstract)
+    keys = [leaf_key(p) for p, _ in paths]
+    missing = sorted(set(keys) ^ set(bundle.arrays))
+    if missing:
+        raise UserError(f"{bundle.path}: state leaf {missing[0]} does not match the model its config builds")
+    leaves = []
+    for k, (_, a) in zip(keys, paths):
+        arr = bundle.arrays[k]
+        if arr.shape != a.shape or arr.dtype != a.dtype:
+            raise UserError(f"{bundle.path}: {k} is {arr.dtype}{list(arr.shape)}, "
+                            f"the config builds {a.dtype}{list(a.shape)}")
+        leaves.append(arr)
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def _localize_grads(ctx, state, batch, step: int) -> Origin | None:
+    from sandbox.train.step import microbatch_grads
+
+    key = jax.random.fold_in(jax.random.key(ctx.seed), step)
+    n = ctx.accum_steps
+    for i in range(n):  # microbatches in the order the step runs them
+        mb = {k: v.reshape(n, v.shape[0] // n, *v.shape[1:])[i] for k, v in batch.items()}
+
+        def grads_fn(params, fp8_meta, inputs, targets, scale, _i=i):
+            return microbatch_grads(ctx, params, fp8_meta, inputs, targets, scale,
+                                    jax.random.fold_in(key, _i))[:3]
+
+        origin = localize_nonfinite(grads_fn, state.params, state.fp8_meta, mb["inputs"], mb["targets"],
+                                    np.asarray(state.loss_scale.scale))
+        if origin is not None:
+            return origin
+    return None
+
+
+def _localize_update(ctx, state, batch, step: int) -> Origin | None:
+    """Finite gradients but non-finite new parameters: localize the optimizer update itself."""
+    from sandbox.train.step import _accumulate
+
+    key = jax.random.fold_in(jax.random.key(ctx.seed), step)
+    grads, *_ = jax.jit(lambda s, b: _accumulate(ctx, s, b, key))(state, batch)
+    grads32 = jax.device_get(jax.tree.map(lambda g: g / ctx.accum_steps,
+                                          ctx.scaler.unscale(grads, state.loss_scale)))
+
+    def update(g, opt_state, params):
+        updates, _ = ctx.tx.update(ctx.policy.cast_to_param(g), opt_state, params)
+        return optax.apply_updates(params, updates)
+
+    return localize_nonfinite(update, grads32, state.opt_state, state.params)
+
+
+def replay(bundle: Bundle) -> ReplayReport:
+    from sandbox.train.loop import build
+    from sandbox.train.step import train_step
+
+    cfg = bundle.cfg
+    run = build(cfg)
+    ctx = run.ctx
+    host_state = rebuild_state(run, bundle)
+    batch = {k: np.asarray(v) for k, v in bundle.batch.items()}
+    step = bundle.failed_step
+    _, metrics = jax.jit(lambda s, b: train_step(s, b, ctx=ctx))(host_state, batch)
+    metrics = jax.device_get(metrics)
+    loss = float(metrics["loss"])
+    recorded = bundle.meta.get("recorded", {})
+    reproduced = bool(metrics["nonfinite"]) and _same(recorded.get("loss"), loss)
+
+    phase, origin = "gradients", _localize_grads(ctx, host_state, batch, step)
+    if origin is None:
+        phase, origin = "update", _localize_update(ctx, host_state, batch, step)
+    if origin is None:
+        phase = "none"
+
+    history = [r for r in bundle.meta.get("history", []) if r.get("step", 0) <= step]  # before the bad step
+    divergence = classify_divergence([_num(r.get("grad_norm")) for r in history],
+                                     [_num(r.get("loss")) for r in history])
+    fp32_range = origin is not None and origin.cause in _RANGE_CAUSES and jnp.dtype(origin.dtype) == jnp.float32
+    if divergence and (origin is None or phase == "update" or fp32_range):
+        cause, why, fix = divergence
+        if origin is not None:
+            why += f" The first non-finite value then appeared at {origin.primitive} in {origin.name_stack}."
+    elif origin is not None:
+        cause, why, fix = origin.cause, origin.explanation, origin.remedy
+    else:
+        cause, why, fix = ("not_reproduced", "Replaying the step op by op on the CPU gave no non-finite value.",
+                           "The failure may depend on a fused accelerator kernel; replay on the original device.")
+    return ReplayReport(str(bundle.path), step, recorded.get("loss"), loss, reproduced, phase, origin,
+                        divergence, cause, why, fix)
+
+
+def _num(v) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def format_report(r: ReplayReport) -> str:
+    lines = [f"bundle {r.bundle}: step {r.failed_step + 1} (0-based {r.failed_step})",
+             f"reproduced: {'yes' if r.reproduced else 'NO'} (recorded loss {r.recorded_loss}, "
+             f"replayed loss {r.replayed_loss})",
+             f"cause: {r.cause}", f"  {r.explanation}", f"  remedy: {r.remedy}"]
+    if r.origin is not None:
+        lines += ["", f"origin (in the {r.phase} computation):", format_origin(r.origin)]
+    if r.divergence and r.divergence[0] != r.cause:
+        lines += ["", f"also: {r.divergence[1]}"]
+    return "\n".join(lines)

@@ -1,0 +1,121 @@
+"""NaN forensics end to end: guard -> failure bundle -> replay names the first bad op and cause."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sandbox.cli import main
+from sandbox.config import load_config, replace
+from sandbox.errors import UserError
+from sandbox.forensics.bundle import load_bundle
+from sandbox.forensics.replay import replay
+from sandbox.train.loop import train
+
+RECIPES = Path(__file__).resolve().parents[1] / "experiments" / "failures"
+
+# recipe -> (failed step, 1-based; expected cause; a fragment of the op's module path; primitive)
+EXPECTED = {
+    "fp16_overflow": (1, "overflow", "block_0/attention", "dot_general"),
+    "naive_softmax_overflow": (1, "exp_overflow", "block_0/attention/softmax", "exp"),
+    "log_softmax_underflow": (1, "log_of_zero", "naive_log_softmax", "log"),
+}
+
+
+def _recipe(name: str, root: Path):
+    return replace(load_config(RECIPES / f"{name}.yaml"), run_root=str(root))
+
+
+def _fail_and_replay(name: str, root: Path):
+    result = train(_recipe(name, root), overwrite=True, quiet=True)
+    assert result.status == "failed" and result.bundle is not None
+    return result, replay(load_bundle(result.bundle))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_recipe_fails_deterministically_and_replay_names_cause(name, tmp_path):
+    step, cause, where, primitive = EXPECTED[name]
+    first, report = _fail_and_replay(name, tmp_path / "a")
+    again = train(_recipe(name, tmp_path / "b"), overwrite=True, quiet=True)
+    assert again.summary["failed_step"] == first.summary["failed_step"]
+    if step is not None:
+        assert first.summary["failed_step"] == step
+    assert report.reproduced
+    assert report.cause == cause
+    if primitive is not None:
+        assert report.origin.primitive == primitive
+        assert where in report.origin.name_stack
+    # The bundle holds the state before the bad step: every stored float is finite.
+    for key, a in load_bundle(first.bundle).arrays.items():
+        if a.dtype.kind == "f" and not key.startswith("guard"):
+            assert np.isfinite(a).all(), key
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(tmp_path_factory):
+    """One real bundle (the fastest recipe), shared by the bad-input tests."""
+    root = tmp_path_factory.mktemp("runs")
+    result = train(_recipe("naive_softmax_overflow", root), overwrite=True, quiet=True)
+    return Path(result.bundle)
+
+
+def _copy(bundle: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "bundle"
+    shutil.copytree(bundle, dst)
+    return dst
+
+
+def test_bundle_contents(bundle_dir):
+    meta = json.loads((bundle_dir / "meta.json").read_text())
+    assert meta["failed_step"] == 0 and meta["seed"] == 0 and "fold_in" in meta["rng_rule"]
+    assert meta["config"]["precision"]["naive_softmax"] is True
+    assert sorted(p.name for p in bundle_dir.iterdir()) == [
+        "batch.safetensors", "meta.json", "state.safetensors", "summary.txt"]
+    b = load_bundle(bundle_dir)
+    assert int(b.arrays["step"]) == 0 and int(b.arrays["guard/failed_step"]) == -1
+    assert b.batch["inputs"].shape == (8, 32)
+    assert "sandbox replay" in (bundle_dir / "summary.txt").read_text()
+
+
+def test_replay_cli_text_and_json(bundle_dir, capsys):
+    assert main(["replay", str(bundle_dir), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["cause"] == "exp_overflow" and out["op"] == "exp"
+    assert out["module_path"].endswith("block_0/attention/softmax") and out["reproduced"] is True
+    assert main(["replay", str(bundle_dir)]) == 0
+    text = capsys.readouterr().out
+    assert "exp_overflow" in text and "policy.py" in text
+
+
+def test_planted_pickle_is_refused(bundle_dir, tmp_path, capsys):
+    bad = _copy(bundle_dir, tmp_path)
+    (bad / "state.safetensors").write_bytes(pickle.dumps({"params": np.zeros(3)}))
+    with pytest.raises(UserError, match="pickle, refused"):
+        load_bundle(bad)
+    assert main(["replay", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_extra_file_and_damage_are_refused(bundle_dir, tmp_path):
+    bad = _copy(bundle_dir, tmp_path)
+    (bad / "extra.pkl").write_bytes(b"\x80\x04.")
+    with pytest.raises(UserError, match="unexpected file extra.pkl"):
+        load_bundle(bad)
+    (bad / "extra.pkl").unlink()
+    (bad / "meta.json").write_text("{not json")
+    with pytest.raises(UserError, match="damaged"):
+        load_bundle(bad)
+
+
+def test_missing_bundle_exit_2(tmp_path, capsys):
+    assert main(["replay", str(tmp_path / "nope")]) == 2
+    assert "no such bundle" in capsys.readouterr().err
+    assert main(["replay", str(tmp_path)]) == 2
+    assert "not a failure bundle" in capsys.readouterr().err
