@@ -179,4 +179,7 @@ def load_spec(path: str | Path, exp_dir: str | Path | None = None) -> Spec:
         except UserError as e:
             raise UserError(f"{path}: cell {cell_name}: {e}") from None
         cells.append(Cell(cell_name, variant, cfg.seed, settings, cfg))
+    policies = sorted({c.config.precision.policy for c in cells})
+    if "baseline" in raw and baseline not in policies:
+        raise UserError(f"{path}: baseline: {baseline!r} is not the policy of any cell (policies: {', '.join(policies)})")
     return Spec(name, path, tuple(cells), None if target is None else float(target), baseline, float(alpha))
