@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import optax
 
 from sandbox import config as config_lib
+from sandbox import sharding
 from sandbox.train.loop import build, initial_state, place_batch
 from sandbox.train.state import make_optimizer
 from sandbox.train.step import train_step
@@ -143,7 +144,7 @@ def sandbox_variant(cfg: config_lib.Config, name: str = "sandbox", n_batches: in
     if ctx_changes:
         # The same jit as loop.build, on a changed context (shardings from the same mesh).
         ctx = dataclasses.replace(run.ctx, **ctx_changes)
-        sh, repl = run.extra["state_shardings"], jax.sharding.NamedSharding(run.extra["mesh"], jax.sharding.PartitionSpec())
+        sh, repl = run.extra["state_shardings"], sharding.replicated(run.extra["mesh"])
         step_fn = jax.jit(functools.partial(train_step, ctx=ctx), donate_argnums=0, out_shardings=(sh, repl),
                           in_shardings=(sh, run.extra["batch_sharding"], *(repl,) * len(frozen)))
     fn = jax.jit(lambda s, b: step_fn(s, b, *frozen), donate_argnums=0) if frozen else step_fn

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -15,15 +19,20 @@ from sandbox.config import load_config, replace
 from sandbox.errors import UserError
 from sandbox.forensics.bundle import load_bundle
 from sandbox.forensics.replay import replay
+from sandbox.train import loop
 from sandbox.train.loop import train
 
-RECIPES = Path(__file__).resolve().parents[1] / "experiments" / "failures"
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = REPO / "experiments" / "failures"
 
-# recipe -> (failed step, 1-based; expected cause; a fragment of the op's module path; primitive)
+# recipe -> (failed step, 1-based; expected cause; a fragment of the op's module path; primitive; phase)
 EXPECTED = {
-    "fp16_overflow": (1, "overflow", "block_0/attention", "dot_general"),
-    "naive_softmax_overflow": (1, "exp_overflow", "block_0/attention/softmax", "exp"),
-    "log_softmax_underflow": (1, "log_of_zero", "naive_log_softmax", "log"),
+    "fp16_overflow": (1, "overflow", "block_0/attention", "dot_general", "forward"),
+    "naive_softmax_overflow": (1, "exp_overflow", "block_0/attention/softmax", "exp", "forward"),
+    # log(0) in the loss's forward, although the step differentiates the objective on its own
+    "log_softmax_underflow": (1, "log_of_zero", "naive_log_softmax", "log", "forward"),
+    # 16 steps of geometric growth, then fp32 overflows in ln_f's backward (the loss is still finite)
+    "lr_divergence": (17, "exploding_update", "ln_f", "mul", "backward"),
 }
 
 
@@ -40,7 +49,7 @@ def _fail_and_replay(name: str, root: Path):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_recipe_fails_deterministically_and_replay_names_cause(name, tmp_path):
-    step, cause, where, primitive = EXPECTED[name]
+    step, cause, where, primitive, phase = EXPECTED[name]
     first, report = _fail_and_replay(name, tmp_path / "a")
     again = train(_recipe(name, tmp_path / "b"), overwrite=True, quiet=True)
     assert again.summary["failed_step"] == first.summary["failed_step"]
@@ -51,6 +60,13 @@ def test_recipe_fails_deterministically_and_replay_names_cause(name, tmp_path):
     if primitive is not None:
         assert report.origin.primitive == primitive
         assert where in report.origin.name_stack
+        assert report.origin.phase == phase
+    if cause == "exploding_update":  # the history explains an fp32 overflow: values diverged
+        assert report.divergence[0] == cause
+        assert report.origin.cause == "overflow" and report.origin.dtype == "float32"
+        assert "gradient norm" in report.explanation and "ln_f" in report.explanation
+    else:
+        assert report.origin.cause == cause
     # The bundle holds the state before the bad step: every stored float is finite.
     for key, a in load_bundle(first.bundle).arrays.items():
         if a.dtype.kind == "f" and not key.startswith("guard"):
@@ -83,11 +99,16 @@ def test_bundle_contents(bundle_dir):
     assert "sandbox replay" in (bundle_dir / "summary.txt").read_text()
 
 
-def test_replay_cli_text_and_json(bundle_dir, capsys):
+def test_replay_cli_text_and_json(bundle_dir, capsys, monkeypatch):
+    def no_data(cfg):
+        raise AssertionError("replay built the data pipeline")
+
+    monkeypatch.setattr(loop, "make_pipeline", no_data)  # the bundle holds the batch
     assert main(["replay", str(bundle_dir), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["cause"] == "exp_overflow" and out["op"] == "exp"
     assert out["module_path"].endswith("block_0/attention/softmax") and out["reproduced"] is True
+    assert out["origin"]["phase"] == "forward" and out["phase"] == "gradients"
     assert main(["replay", str(bundle_dir)]) == 0
     text = capsys.readouterr().out
     assert "exp_overflow" in text and "policy.py" in text
@@ -119,3 +140,24 @@ def test_missing_bundle_exit_2(tmp_path, capsys):
     assert "no such bundle" in capsys.readouterr().err
     assert main(["replay", str(tmp_path)]) == 2
     assert "not a failure bundle" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_bundle_from_four_devices_replays_on_one(bundle_dir, tmp_path):
+    """A recipe trained data-parallel on a 4-device CPU mesh fails at the same step; its bundle
+    replays in this one-device process to the same op and cause as the one-device run's."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    script = "import sys; from sandbox.cli import main; sys.exit(main(sys.argv[1:]))"
+    proc = subprocess.run(
+        [sys.executable, "-c", script, "train", str(RECIPES / "naive_softmax_overflow.yaml"),
+         "--set", "mesh.data=4", "--set", f"run_root={tmp_path}", "--overwrite"],
+        env=env, capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert proc.returncode == 3, proc.stdout[-2000:] + proc.stderr[-2000:]  # loop.EXIT_FAILURE
+    bundle = load_bundle(tmp_path / "naive_softmax_overflow" / "failure")
+    assert bundle.cfg.mesh.data == 4
+    assert jax.device_count() == 1
+    one = replay(load_bundle(bundle_dir))
+    four = replay(bundle)
+    assert four.reproduced and four.failed_step == one.failed_step == 0
+    assert (four.cause, four.origin.primitive, four.origin.name_stack, four.origin.phase) == \
+        (one.cause, one.origin.primitive, one.origin.name_stack, one.origin.phase)

@@ -71,7 +71,7 @@ for data, fsdp in [(1, 1), (4, 1), (1, 4), (2, 2)]:
     cfg = tiny_config(tmp, f"m{data}x{fsdp}", {"mesh": {"data": data, "fsdp": fsdp}})
     run = build(cfg)
     state = initial_state(run)
-    sharded = [p.sharding.spec for p in jax.tree.leaves(state.params) if p.sharding.spec != ()]
+    sharded = [p for p in jax.tree.leaves(state.params) if any(a is not None for a in p.sharding.spec)]
     losses = []
     for k in range(6):
         state, m = run.step_fn(state, place_batch(run, run.pipeline.train_batch(k)))
@@ -82,8 +82,9 @@ for data, fsdp in [(1, 1), (4, 1), (1, 4), (2, 2)]:
 # fp16 overflow (a loss scale far past fp16's range): every device's shard of the
 # state must be left exactly as it was, and every device must see the backoff.
 for data, fsdp in [(4, 1), (1, 4)]:
+    scale = {"init_scale": 2.0 ** 100, "max_scale": 2.0 ** 100}
     cfg = tiny_config(tmp, f"fp16{data}x{fsdp}", {"mesh": {"data": data, "fsdp": fsdp},
-                      "precision": {"policy": "fp16", "loss_scale": {"init_scale": 2.0 ** 100, "max_scale": 2.0 ** 100}}})
+                      "precision": {"policy": "fp16", "loss_scale": scale}})
     run = build(cfg)
     state = initial_state(run)
     before = jax.tree.map(lambda x: x.copy(), (state.params, state.opt_state))
@@ -91,7 +92,8 @@ for data, fsdp in [(4, 1), (1, 4)]:
     after = (state.params, state.opt_state)
     out[f"fp16_{data}x{fsdp}"] = {
         "overflow": bool(m["overflow"]), "applied": bool(m["applied"]),
-        "unchanged_all_shards": all(shards_equal(a, b) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after))),
+        "unchanged_all_shards": all(shards_equal(a, b)
+                                    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after))),
         "scale_per_device": sorted({float(s.data) for s in state.loss_scale.scale.addressable_shards}),
         "skipped_per_device": sorted({int(s.data) for s in state.guard.skipped_overflow.addressable_shards}),
         "opt_step": int(state.opt_step)}

@@ -10,7 +10,8 @@ Design
    the step non-finite again, with the same loss (NaN matches NaN) as the run
    recorded; the report says whether it did.
 3. Localize. `localize_nonfinite` interprets the step's gradient computation
-   (`microbatch_grads`: forward, objective, backward) op by op in execution
+   (`microbatch_grads`: forward, objective, backward; the loss is returned
+   first so ops the loss depends on read as forward) op by op in execution
    order and returns the first op whose inputs were all finite and whose
    output was not. If the gradients are finite, the failure is in the update
    (finite gradients, non-finite new parameters), so the optimizer update is
@@ -22,8 +23,9 @@ Design
    the update itself, the headline cause is `exploding_update`. A low
    precision overflow stays a format problem even if the loss was rising.
 
-Works for runs compiled for several devices: the localizer drops placement
-and replays on one CPU device.
+Works for runs compiled for several devices: the replay builds the step for a
+one-device mesh, and the localizer drops placement and replays on one CPU
+device. It does not need the training data (the bundle holds the batch).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from sandbox import config as config_lib
 from sandbox.errors import UserError
 from sandbox.forensics.bundle import Bundle, leaf_key
 from sandbox.forensics.causes import classify_divergence
@@ -112,8 +115,11 @@ def _localize_grads(ctx, state, batch, step: int) -> Origin | None:
         mb = {k: v.reshape(n, v.shape[0] // n, *v.shape[1:])[i] for k, v in batch.items()}
 
         def grads_fn(params, fp8_meta, inputs, targets, scale, _i=i):
-            return microbatch_grads(ctx, params, fp8_meta, inputs, targets, scale,
-                                    jax.random.fold_in(key, _i))[:3]
+            # The loss comes first: the localizer calls the ops the first output depends on
+            # (model forward, objective value) the forward pass, the rest backward.
+            grads, observed, loss, *_ = microbatch_grads(ctx, params, fp8_meta, inputs, targets, scale,
+                                                         jax.random.fold_in(key, _i))
+            return loss, grads, observed
 
         origin = localize_nonfinite(grads_fn, state.params, state.fp8_meta, mb["inputs"], mb["targets"],
                                     np.asarray(state.loss_scale.scale))
@@ -142,8 +148,10 @@ def replay(bundle: Bundle) -> ReplayReport:
     from sandbox.train.loop import build
     from sandbox.train.step import train_step
 
-    cfg = bundle.cfg
-    run = build(cfg)
+    # One device, whatever mesh the run had (the step is the same function), and no data
+    # pipeline: the bundle holds the batch.
+    cfg = config_lib.replace(bundle.cfg, mesh={"data": 1, "fsdp": 1})
+    run = build(cfg, with_data=False)
     ctx = run.ctx
     host_state = rebuild_state(run, bundle)
     batch = {k: np.asarray(v) for k, v in bundle.batch.items()}

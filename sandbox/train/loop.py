@@ -62,8 +62,9 @@ class Run:
     extra: dict = field(default_factory=dict)
 
 
-def build(cfg: config_lib.Config) -> Run:
-    pipeline = make_pipeline(cfg)
+def build(cfg: config_lib.Config, with_data: bool = True) -> Run:
+    """with_data=False: no data pipeline (run.pipeline is None), for replaying a bundle that holds its batch."""
+    pipeline = make_pipeline(cfg) if with_data else None
     policy = make_policy(cfg.precision)
     model = GPT(cfg.model, policy)
     scaler = make_loss_scaler(policy, cfg.precision.loss_scale)

@@ -93,6 +93,14 @@ def train_rows(run_dir: Path) -> list[dict]:
     return [r for r in read_metrics(run_dir) if r.get("split", "train") == "train" and "loss" in r]
 
 
+def as_float(v) -> float:
+    """A metrics.jsonl value as a float (non-finite numbers are written as strings such as "NaN")."""
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
 def new_figure(ncols: int = 1):
     import matplotlib
 

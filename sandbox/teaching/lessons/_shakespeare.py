@@ -1,0 +1,40 @@
+"""Shared by the sampling and tokenizer lessons: a briefly trained byte model and its log-probs on held-out text."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from sandbox.teaching.lessons import train_lesson_run
+
+
+def trained_model(out_dir: Path, quick: bool):
+    """(RunResult, model) of experiments/lessons/shakespeare_small.yaml."""
+    from sandbox.config import load_config
+    from sandbox.model import GPT
+    from sandbox.precision.policy import make_policy
+
+    result = train_lesson_run("shakespeare_small", out_dir, ["training.steps=40"] if quick else [])
+    cfg = load_config(Path(result.run_dir) / "config.yaml")  # the resolved config the run wrote
+    return result, cfg, GPT(cfg.model, make_policy(cfg.precision))
+
+
+def heldout_text(cfg, n_bytes: int) -> bytes:
+    """The first n_bytes of the validation tail of the corpus (text the model never trained on)."""
+    data = Path(cfg.data.paths[0]).read_bytes()
+    start = int(len(data) * (1 - cfg.data.val_fraction))
+    return data[start:start + n_bytes + 1]
+
+
+def logprobs(model, params, cfg, text: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """Next-byte log-probs [N, 256] (fp32) and the targets [N] over non-overlapping context windows."""
+    import jax
+
+    T = cfg.model.context
+    ids = np.frombuffer(text, np.uint8).astype(np.int32)
+    n = (len(ids) - 1) // T
+    inputs = ids[: n * T].reshape(n, T)
+    targets = ids[1: n * T + 1].reshape(n, T)
+    logits = jax.jit(lambda p, x: model.apply({"params": p}, x))(params, inputs)
+    return np.asarray(jax.nn.log_softmax(logits.astype("float32"))).reshape(n * T, -1), targets.reshape(-1)
