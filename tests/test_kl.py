@@ -136,3 +136,22 @@ def test_precision_drift_orders_fp32_bf16_fp8(ref_run):
         drift[policy] = trainer.evaluate(initial_state(trainer.run))["precision_drift"]
     assert drift["fp32"] == 0.0
     assert 0 < drift["bf16"] < drift["fp8"], drift
+
+
+def test_failure_under_kl_replays_with_the_reference(ref_run):
+    """A diverging KL run fails with a finite loss; replay reloads the reference and gets the same loss."""
+    from sandbox.forensics.bundle import load_bundle
+    from sandbox.forensics.replay import replay
+
+    root, ref_dir = ref_run
+    # experiments/failures/lr_divergence.yaml's optimizer (plain SGD at step 10) under a KL term
+    result = train(_student(root, "diverge", ref_dir, [
+        "objective.kl.beta=1.0", "optimizer.lr=1e21", "optimizer.eps=1e20", "optimizer.b1=0.0",
+        "optimizer.b2=0.0", "optimizer.weight_decay=0.0", "optimizer.grad_clip=0.0",
+        "optimizer.warmup_steps=0", "optimizer.min_lr_ratio=1.0", "training.steps=200"]), quiet=True)
+    assert result.status == "failed" and result.bundle is not None
+    report = replay(load_bundle(result.bundle))
+    rows = [r for r in read_metrics(result.run_dir) if r["split"] == "train"]
+    assert rows[-1]["kl"] > 0 and np.isfinite(report.replayed_loss)  # the KL term is part of the loss
+    assert report.reproduced and report.replayed_loss == report.recorded_loss
+    assert report.origin is not None

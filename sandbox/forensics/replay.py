@@ -106,19 +106,22 @@ def rebuild_state(run, bundle: Bundle):
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
-def _localize_grads(ctx, state, batch, step: int) -> Origin | None:
+def _localize_grads(ctx, state, batch, step: int, frozen=None) -> Origin | None:
     from sandbox.train.step import microbatch_grads
 
     key = jax.random.fold_in(jax.random.key(ctx.seed), step)
     n = ctx.accum_steps
+    beta = ctx.kl.beta_at(state.step) if ctx.kl else 0.0
     for i in range(n):  # microbatches in the order the step runs them
         mb = {k: v.reshape(n, v.shape[0] // n, *v.shape[1:])[i] for k, v in batch.items()}
+        # The frozen reference is a constant of the step (no gradients): computed outside the localizer.
+        ref_logits = jax.jit(ctx.kl.logits)(frozen, mb["inputs"]) if ctx.kl else None
 
-        def grads_fn(params, fp8_meta, inputs, targets, scale, _i=i):
+        def grads_fn(params, fp8_meta, inputs, targets, scale, _i=i, _ref=ref_logits):
             # The loss comes first: the localizer calls the ops the first output depends on
             # (model forward, objective value) the forward pass, the rest backward.
             grads, observed, loss, *_ = microbatch_grads(ctx, params, fp8_meta, inputs, targets, scale,
-                                                         jax.random.fold_in(key, _i))
+                                                         jax.random.fold_in(key, _i), _ref, beta)
             return loss, grads, observed
 
         origin = localize_nonfinite(grads_fn, state.params, state.fp8_meta, mb["inputs"], mb["targets"],
@@ -128,12 +131,12 @@ def _localize_grads(ctx, state, batch, step: int) -> Origin | None:
     return None
 
 
-def _localize_update(ctx, state, batch, step: int) -> Origin | None:
+def _localize_update(ctx, state, batch, step: int, frozen=None) -> Origin | None:
     """Finite gradients but non-finite new parameters: localize the optimizer update itself."""
     from sandbox.train.step import _accumulate
 
     key = jax.random.fold_in(jax.random.key(ctx.seed), step)
-    grads, *_ = jax.jit(lambda s, b: _accumulate(ctx, s, b, key))(state, batch)
+    grads, *_ = jax.jit(lambda s, b, f: _accumulate(ctx, s, b, key, f))(state, batch, frozen)
     grads32 = jax.device_get(jax.tree.map(lambda g: g / ctx.accum_steps,
                                           ctx.scaler.unscale(grads, state.loss_scale)))
 
@@ -156,15 +159,17 @@ def replay(bundle: Bundle) -> ReplayReport:
     host_state = rebuild_state(run, bundle)
     batch = {k: np.asarray(v) for k, v in bundle.batch.items()}
     step = bundle.failed_step
-    _, metrics = jax.jit(lambda s, b: train_step(s, b, ctx=ctx))(host_state, batch)
+    # A KL run's reference is loaded again from the path in its config (build() checks it).
+    frozen = run.extra["frozen"][0] if run.extra["frozen"] else None
+    _, metrics = jax.jit(lambda s, b, f: train_step(s, b, f, ctx=ctx))(host_state, batch, frozen)
     metrics = jax.device_get(metrics)
     loss = float(metrics["loss"])
     recorded = bundle.meta.get("recorded", {})
     reproduced = bool(metrics["nonfinite"]) and _same(recorded.get("loss"), loss)
 
-    phase, origin = "gradients", _localize_grads(ctx, host_state, batch, step)
+    phase, origin = "gradients", _localize_grads(ctx, host_state, batch, step, frozen)
     if origin is None:
-        phase, origin = "update", _localize_update(ctx, host_state, batch, step)
+        phase, origin = "update", _localize_update(ctx, host_state, batch, step, frozen)
     if origin is None:
         phase = "none"
 
