@@ -1,0 +1,60 @@
+"""The fast path: the loop never waits on the device between log intervals, and the step compiles once.
+
+Timing is the benchmarks' business (scripts/bench_step.py); these tests check
+the properties that make the loop fast, on CPU:
+- no implicit device-to-host transfer anywhere in a run (an implicit one is a
+  hidden host sync: `float(x)`, `bool(x)`, `np.asarray(x)` on a device array);
+- metrics reach the host only at log/eval/checkpoint intervals, a batch at a time;
+- one compilation of the step for the whole run (no retracing), and the state
+  is donated (its buffers reused in place).
+"""
+
+from __future__ import annotations
+
+import jax
+import pytest
+
+from sandbox.logger import read_metrics
+from sandbox.train import loop
+
+
+@pytest.mark.parametrize("policy", ["fp32", "fp16"])
+def test_no_host_sync_between_intervals_and_one_compile(tiny, monkeypatch, policy):
+    # fp16 with a scale that overflows: the overflow events are processed from metrics too.
+    sets = ["training.steps=12", "training.log_every=4", "training.eval_every=8", "checkpoint.every=8",
+            f"precision.policy={policy}", "logging.progress=false"]
+    if policy == "fp16":
+        sets += ["precision.loss_scale.init_scale=1e12", "precision.loss_scale.max_scale=1e12"]
+    trainer = loop.Trainer(tiny(sets=sets), quiet=True)
+
+    metric_pulls = []
+    device_get = jax.device_get
+
+    def counting_get(x):
+        if isinstance(x, list) and x and isinstance(x[0], tuple):  # the loop's pending (step, metrics) rows
+            metric_pulls.append([step for step, _ in x])
+        return device_get(x)
+
+    monkeypatch.setattr(loop.jax, "device_get", counting_get)
+    with jax.transfer_guard_device_to_host("disallow"):
+        result = trainer.train()
+    monkeypatch.undo()
+
+    assert result.status == "finished"
+    # steps 1-4, 5-8 (log + eval + checkpoint), 9-12: three pulls of four rows each
+    assert metric_pulls == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
+    assert trainer.run.step_fn._cache_size() == 1
+    rows = [r for r in read_metrics(result.run_dir) if r["split"] == "train"]
+    assert [r["step"] for r in rows] == list(range(1, 13))  # every step's metrics still logged
+    if policy == "fp16":
+        assert result.summary["overflow_skips"] >= 1
+
+
+def test_step_donates_the_state(tiny):
+    run = loop.build(tiny(sets=["training.steps=2"]))
+    state = loop.initial_state(run)
+    batch = loop.place_batch(run, run.pipeline.train_batch(0))
+    leaf = jax.tree.leaves(state.params)[0]
+    new, _ = run.step_fn(state, batch)
+    jax.block_until_ready(new)
+    assert leaf.is_deleted()  # the input buffer was given to the output, not copied
