@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -24,7 +25,8 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, float]:
             out.update(flatten(v, f"{prefix}/{k}" if prefix else str(k)))
         return out
     arr = np.asarray(tree)
-    if arr.ndim == 0 and arr.dtype.kind in "biuf":
+    # ml_dtypes floats (bfloat16, float8_*) have numpy kind 'V': ask jnp, or they vanish from the log
+    if arr.ndim == 0 and (arr.dtype.kind in "biuf" or jnp.issubdtype(arr.dtype, jnp.floating)):
         out[prefix] = float(arr)
     return out
 

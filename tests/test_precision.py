@@ -73,8 +73,13 @@ def test_fp16_noscale_underflows_and_the_scaler_does_not(policy_runs):
 
 def test_bf16_pure_loses_updates_and_trains_worse(policy_runs):
     pure, bf16 = policy_runs["bf16_pure"].summary, policy_runs["bf16"].summary
-    assert pure["lost_update_frac"] > 0.3 and bf16["lost_update_frac"] < 0.01
+    assert pure["lost_update_frac"] > 0.15 and bf16["lost_update_frac"] < 0.01  # means over the run
     assert pure["val_ce"] > bf16["val_ce"] + 0.05
+    # bf16 scalars are logged (not dropped as a non-numpy dtype), and the summary's fraction is
+    # the mean over every step of the run, not over the bundle history's tail
+    rows = [r for r in read_metrics(policy_runs["bf16_pure"].run_dir) if r["split"] == "train"]
+    assert len(rows) == 100 and all(r["update_ratio"] > 0 for r in rows[1:])
+    assert pure["lost_update_frac"] == pytest.approx(np.mean([r["lost_update_frac"] for r in rows]))
 
 
 def test_overflow_halves_scale_and_skips_bitwise(tiny):

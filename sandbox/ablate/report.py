@@ -245,8 +245,10 @@ def markdown_table(exp: Experiment, rows: list[dict], target: float | None) -> s
               f"- CE in nats per token; perplexity = exp(CE); bits/token = CE / ln 2.",
               f"- steps to target: first logged train step with loss <= {tgt} nats.",
               f"- overflows: steps the loss scaler skipped; skipped steps: overflow + non-finite + spike skips.",
-              f"- underflow, lost updates, fp8 saturated: fractions from the in-step telemetry (fp8: the max "
-              f"over logged steps); precision drift: KL of the policy's forward pass to the fp32 forward.",
+              f"- underflow (nonzero logit gradients that flush to zero in the compute dtype), lost updates "
+              f"(nonzero updates that leave the stored weight unchanged): means over every training step; "
+              f"fp8 saturated: the max over steps; precision drift: KL of the policy's forward pass to the "
+              f"fp32 forward on validation data, at the end.",
               f"- vs {exp.baseline}: Welch's t-test (unequal variances, two-sided) of final validation CE "
               f"against the same settings under the {exp.baseline} policy; `worse`/`better` when "
               f"p < {exp.alpha:g}, `same` otherwise (absence of evidence at this seed count, not equivalence); "

@@ -28,7 +28,7 @@ from sandbox import sharding
 from sandbox.checkpoint import Checkpointer, abstract_of
 from sandbox.data import make_pipeline
 from sandbox.errors import UserError
-from sandbox.logger import RunLogger, flatten
+from sandbox.logger import RunLogger, flatten, read_metrics
 from sandbox.model import GPT, count_params
 from sandbox.precision.policy import make_loss_scaler, make_policy
 from sandbox.reference import describe as describe_kl, fp32_twin, load_reference
@@ -353,13 +353,7 @@ class Trainer:
             "failed_step": failed_step + 1 if failed_step is not None else None,
             "bundle": str(bundle) if bundle else None,
         }
-        for key in ("underflow_frac", "overflow_frac", "lost_update_frac"):
-            vals = [r[key] for r in self.history if key in r]
-            if vals:
-                s[key] = float(np.mean(vals))
-        sat = [v for r in self.history for k, v in r.items() if k.startswith("fp8_stats/") and "saturated" in k]
-        if sat:
-            s["fp8_saturated_frac"] = float(np.max(sat))
+        s.update(self._run_telemetry())
         for key in ("entropy", "precision_drift", "kl_to_reference_reverse", "kl_to_reference_forward"):
             if last_val and key in last_val:
                 s[key if key == "precision_drift" else f"val_{key}"] = last_val[key]
@@ -367,6 +361,29 @@ class Trainer:
             s["val_kl_to_source"] = last_val["kl_to_source"]
             s["entropy_rate"] = self.run.pipeline.info["entropy_rate"]
         return s
+
+    def _run_telemetry(self) -> dict:
+        """Means of the underflow/overflow/lost-update fractions and the max fp8 saturation, over the run.
+
+        Read back from metrics.jsonl, the last row of each step winning (a resumed run re-logs the
+        steps after its checkpoint), so a resumed run summarises the same steps as an uninterrupted
+        one. Without a JSONL log: the recent history only.
+        """
+        rows = self.history
+        if self.cfg.logging.jsonl:
+            by_step = {r["step"]: r for r in read_metrics(self.run_dir) if r.get("split") == "train"}
+            rows = [by_step[k] for k in sorted(by_step)] or rows
+
+        def values(match):
+            return [v for r in rows for k, v in r.items() if match(k) and isinstance(v, (int, float))]
+
+        out = {}
+        for key in ("underflow_frac", "overflow_frac", "lost_update_frac"):
+            if vals := values(lambda k, key=key: k == key):
+                out[key] = float(np.mean(vals))
+        if sat := values(lambda k: k.startswith("fp8_stats/") and "saturated" in k):
+            out["fp8_saturated_frac"] = float(np.max(sat))
+        return out
 
     # ------------------------------------------------------------ signals
     def _install_signal_handlers(self):

@@ -223,7 +223,8 @@ def train_step(state: TrainState, batch, frozen=None, *, ctx: StepContext):
     metrics = {
         "loss": loss,
         "grad_norm": optax.tree.norm(grads32),
-        "update_ratio": optax.tree.norm(updates) / jnp.maximum(optax.tree.norm(state.params), 1e-12),
+        # in fp32 whatever the param dtype (a bf16 norm is itself rounded; numpy cannot log bf16)
+        "update_ratio": optax.tree.norm(_to_f32(updates)) / jnp.maximum(optax.tree.norm(_to_f32(state.params)), 1e-12),
         "lr": ctx.schedule(state.opt_step),
         "loss_scale": state.loss_scale.scale,
         "overflow": overflow & ~frozen,
