@@ -128,6 +128,8 @@ class PrecisionConfig:
     naive_softmax: bool = F(False, "teaching ablation: softmax as exp/sum in the compute dtype, no max subtraction")
     naive_log_softmax: bool = F(False, "teaching ablation: the loss takes log(softmax(logits)) instead of log_softmax")
     telemetry: bool = F(True, "collect underflow/overflow/lost-update/fp8 statistics in the step")
+    telemetry_every: int = F(1, "telemetry on every Nth step only; the steps between run a lean "
+                                "compiled step without it (one more compile, a faster loop)", min=1)
     loss_scale: LossScaleConfig = F(LossScaleConfig(), "loss scaling")
     fp8: Fp8Config = F(Fp8Config(), "fp8 delayed scaling")
 

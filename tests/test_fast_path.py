@@ -58,3 +58,24 @@ def test_step_donates_the_state(tiny):
     new, _ = run.step_fn(state, batch)
     jax.block_until_ready(new)
     assert leaf.is_deleted()  # the input buffer was given to the output, not copied
+
+
+def test_telemetry_every_n_steps_runs_a_lean_step_between(tiny):
+    """precision.telemetry_every=4: telemetry on steps 4, 8, 10 (the last); the same training otherwise."""
+    base = ["training.steps=10", "training.log_every=5", "precision.policy=bf16", "logging.progress=false"]
+    full = loop.train(tiny("full", sets=base), quiet=True)
+    lean_trainer = loop.Trainer(tiny("lean", sets=[*base, "precision.telemetry_every=4"]), quiet=True)
+    lean = lean_trainer.train()
+    rows = {n: [r for r in read_metrics(r.run_dir) if r["split"] == "train"] for n, r in
+            (("full", full), ("lean", lean))}
+    assert [r["step"] for r in rows["lean"] if "lost_update_frac" in r] == [4, 8, 10]
+    assert [r["step"] for r in rows["lean"] if "underflow_frac" in r] == [4, 8, 10]
+    assert all("lost_update_frac" in r and "update_ratio" in r for r in rows["full"])
+    # telemetry only observes: losses and final parameters are identical
+    assert [r["loss"] for r in rows["lean"]] == [r["loss"] for r in rows["full"]]
+    same = jax.tree.map(lambda a, b: bool((a == b).all()), full.state.params, lean.state.params)
+    assert all(jax.tree.leaves(same))
+    # each compiled once; the summary's fraction is the mean over the telemetry steps
+    assert lean_trainer.run.step_fn._cache_size() == 1 and lean_trainer.run.lean_step_fn._cache_size() == 1
+    tele = [r["lost_update_frac"] for r in rows["lean"] if "lost_update_frac" in r]
+    assert lean.summary["lost_update_frac"] == pytest.approx(sum(tele) / len(tele))

@@ -58,6 +58,7 @@ class Run:
     policy: Any
     ctx: StepContext
     step_fn: Any = None
+    lean_step_fn: Any = None  # step_fn without telemetry, for precision.telemetry_every > 1
     eval_fn: Any = None
     extra: dict = field(default_factory=dict)
 
@@ -93,8 +94,16 @@ def build(cfg: config_lib.Config, with_data: bool = True) -> Run:
     if reference and cfg.objective.kl.init_from_reference:
         run.extra["init_params"] = reference[1]["params"]
     frozen_sh = (repl,) * len(run.extra["frozen"])
-    run.step_fn = jax.jit(functools.partial(train_step, ctx=ctx), in_shardings=(state_sh, batch_sh, *frozen_sh),
-                          out_shardings=(state_sh, repl), donate_argnums=0)
+
+    def jit_step(c: StepContext):
+        return jax.jit(functools.partial(train_step, ctx=c), in_shardings=(state_sh, batch_sh, *frozen_sh),
+                       out_shardings=(state_sh, repl), donate_argnums=0)
+
+    run.step_fn = jit_step(ctx)
+    if policy.telemetry and cfg.precision.telemetry_every > 1:
+        # Same state in and out, fewer metrics: the loop alternates the two (Trainer._step_fn).
+        lean = dataclasses.replace(policy, telemetry=False)
+        run.lean_step_fn = jit_step(dataclasses.replace(ctx, policy=lean, model=GPT(cfg.model, lean)))
     run.eval_fn = jax.jit(functools.partial(eval_step, ctx=ctx), out_shardings=repl,
                           in_shardings=(state_sh.params, state_sh.fp8_meta, batch_sh, *frozen_sh))
     return run
@@ -268,7 +277,7 @@ class Trainer:
             batches = run.pipeline.prefetch_train(start, total, cfg.data.prefetch,
                                                   functools.partial(place_batch, run))
             for step, batch in zip(range(start, total), batches):
-                state, metrics = run.step_fn(state, batch, *run.extra.get("frozen", ()))
+                state, metrics = self._step_fn(step)(state, batch, *run.extra.get("frozen", ()))
                 pending.append((step, metrics))
                 steps_since += 1
                 done = step + 1
@@ -320,6 +329,13 @@ class Trainer:
         summary = self._summary(state, last_val, wall, compile_time, status, failed_step, bundle)
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
         return RunResult(self.run_dir, summary, status, bundle, state)
+
+    def _step_fn(self, step: int):
+        """The full step on every telemetry_every-th step and the last; the lean one between."""
+        done, every = step + 1, self.cfg.precision.telemetry_every
+        if self.run.lean_step_fn is None or done % every == 0 or done == self.cfg.training.steps:
+            return self.run.step_fn
+        return self.run.lean_step_fn
 
     def _on_failure(self, state: TrainState, failed_step: int) -> Path | None:
         self.log.flush()

@@ -223,8 +223,6 @@ def train_step(state: TrainState, batch, frozen=None, *, ctx: StepContext):
     metrics = {
         "loss": loss,
         "grad_norm": optax.tree.norm(grads32),
-        # in fp32 whatever the param dtype (a bf16 norm is itself rounded; numpy cannot log bf16)
-        "update_ratio": optax.tree.norm(_to_f32(updates)) / jnp.maximum(optax.tree.norm(_to_f32(state.params)), 1e-12),
         "lr": ctx.schedule(state.opt_step),
         "loss_scale": state.loss_scale.scale,
         "overflow": overflow & ~frozen,
@@ -237,6 +235,9 @@ def train_step(state: TrainState, batch, frozen=None, *, ctx: StepContext):
     if ctx.guard and (dynamic or ctx.nan_policy != "skip"):
         metrics["nonfinite_leaves"] = jnp.stack(jax.tree.leaves(nonfinite_leaf_mask(grads32)))
     if policy.telemetry:
+        # in fp32 whatever the param dtype (a bf16 norm is itself rounded)
+        metrics["update_ratio"] = (optax.tree.norm(_to_f32(updates))
+                                   / jnp.maximum(optax.tree.norm(_to_f32(state.params)), 1e-12))
         changed = jax.tree.map(lambda u: u != 0, updates)
         lost = jax.tree.map(lambda n, o, c: jnp.sum((n == o) & c), new_params, state.params, changed)
         n_changed = sum(jnp.sum(c) for c in jax.tree.leaves(changed))
