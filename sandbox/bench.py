@@ -247,3 +247,12 @@ def markdown(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
     body = ["| " + " | ".join(format(r[k], f) if r.get(k) is not None else "-" for k, _, f in columns) + " |"
             for r in rows]
     return "\n".join([head, sep, *body])
+
+
+def print_report(env: dict, rows: list[dict], columns, *, repeats: int, steps: int, json_path: str,
+                 note: str = "") -> None:
+    """The machine line, then the Markdown table (printed last, as the scripts promise)."""
+    print(f"\n{env['device_kind']} x{env['devices']} ({env['backend']}), jax {env['jax']}; {note}"
+          f"best of {repeats} x {steps} steps; JSON: {json_path}\n")
+    print(markdown(rows, columns))
+

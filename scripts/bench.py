@@ -44,9 +44,7 @@ def main(argv=None) -> int:
         cols.append(("device_peak_mb", "device peak MB", ".0f"))
     cols += ([("mfu_6n", "MFU 6N", ".1%"), ("mfu_6n_attn", "MFU 6N+attn", ".1%")] if has_mfu else
              [("gflops_6n", "GFLOP/s 6N", ".2f"), ("gflops_6n_attn", "GFLOP/s 6N+attn", ".2f")])
-    print(f"\n{env['device_kind']} x{env['devices']} ({env['backend']}), jax {env['jax']}; "
-          f"best of {args.repeats} x {args.steps} steps; JSON: {args.json}\n")
-    print(bench.markdown(rows, cols))
+    bench.print_report(env, rows, cols, repeats=args.repeats, steps=args.steps, json_path=args.json)
     return 0
 
 

@@ -46,9 +46,8 @@ def main(argv=None) -> int:
             ("ratio", "sandbox/bare (telemetry on)", ".3f"), ("telemetry_off", "telemetry off tok/s", ",.0f"),
             ("off_vs_bare", "off/bare", ".3f"), ("no_guard", "no-guard tok/s", ",.0f"),
             ("guard_vs_none", "guard/no-guard", ".3f")]
-    print(f"\n{env['device_kind']} x{env['devices']} ({env['backend']}), jax {env['jax']}; size {args.size}; "
-          f"best of {args.repeats} x {args.steps} steps; JSON: {args.json}\n")
-    print(bench.markdown(table, cols))
+    bench.print_report(env, table, cols, repeats=args.repeats, steps=args.steps, json_path=args.json,
+                       note=f"size {args.size}; ")
     return 0
 
 

@@ -31,6 +31,13 @@ def _pyplot():
     return plt
 
 
+def _save(fig, path: Path, plt) -> bool:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def _series(rows: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
     pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
     if not pts:
@@ -66,10 +73,7 @@ def plot_val_loss(exp, path: Path, plt) -> bool:
     ax.set_title(f"{exp.name}: validation loss (band: min-max across seeds)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(fig, path, plt)
 
 
 def plot_loss_scale(exp, path: Path, plt) -> bool:
@@ -95,10 +99,7 @@ def plot_loss_scale(exp, path: Path, plt) -> bool:
     bottom.set_xlabel("step")
     for ax in (top, bottom):
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(fig, path, plt)
 
 
 def plot_fp8(exp, path: Path, plt) -> bool:
@@ -125,10 +126,7 @@ def plot_fp8(exp, path: Path, plt) -> bool:
     top.legend(fontsize=7)
     for ax in (top, bottom):
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(fig, path, plt)
 
 
 def plot_bars(exp, rows: list[dict], path: Path, plt) -> bool:
@@ -150,10 +148,7 @@ def plot_bars(exp, rows: list[dict], path: Path, plt) -> bool:
         ax.set_title(title)
         ax.grid(axis="y", alpha=0.3)
     fig.suptitle(exp.name)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(fig, path, plt)
 
 
 def write_plots(exp, rows: list[dict], out_dir: Path) -> list[Path]:

@@ -112,10 +112,11 @@ def _localize_grads(ctx, state, batch, step: int, frozen=None) -> Origin | None:
     key = jax.random.fold_in(jax.random.key(ctx.seed), step)
     n = ctx.accum_steps
     beta = ctx.kl.beta_at(state.step) if ctx.kl else 0.0
+    ref_fn = jax.jit(ctx.kl.logits) if ctx.kl else None  # one compile for all microbatches
     for i in range(n):  # microbatches in the order the step runs them
         mb = {k: v.reshape(n, v.shape[0] // n, *v.shape[1:])[i] for k, v in batch.items()}
         # The frozen reference is a constant of the step (no gradients): computed outside the localizer.
-        ref_logits = jax.jit(ctx.kl.logits)(frozen, mb["inputs"]) if ctx.kl else None
+        ref_logits = ref_fn(frozen, mb["inputs"]) if ref_fn else None
 
         def grads_fn(params, fp8_meta, inputs, targets, scale, _i=i, _ref=ref_logits):
             # The loss comes first: the localizer calls the ops the first output depends on

@@ -120,3 +120,21 @@ def save_figure(fig, path: Path) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def plot_runs(run_dirs: dict, metric: str, metric_label: str, path: Path, log_loss: bool = False) -> Path:
+    """Two panels over training steps, one line per run: `metric`, and the train loss."""
+    fig, (ax_m, ax_loss) = new_figure(2)
+    for name, run_dir in run_dirs.items():
+        rows = train_rows(run_dir)
+        steps = [r["step"] for r in rows]
+        ax_m.plot(steps, [r[metric] for r in rows], marker="o", ms=3, label=name)
+        (ax_loss.semilogy if log_loss else ax_loss.plot)(steps, [r["loss"] for r in rows], marker="o", ms=3,
+                                                          label=name)
+    ax_m.set_ylabel(metric_label)
+    ax_loss.set_ylabel("train loss (nats)")
+    for ax in (ax_m, ax_loss):
+        ax.set_xlabel("step")
+        ax.legend()
+    return save_figure(fig, path)
+

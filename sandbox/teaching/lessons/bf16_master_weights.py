@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sandbox.teaching.lessons import LessonResult, new_figure, save_figure, train_lesson_run, train_rows
+from sandbox.teaching.lessons import LessonResult, plot_runs, train_lesson_run
 
 NAME = "bf16_master_weights"
 TITLE = "bf16 without fp32 master weights: updates are rounded away and training stalls"
@@ -44,16 +44,6 @@ def run(out_dir: Path, quick: bool = False) -> LessonResult:
               f"train loss {pure['train_ce']:.4f} pure vs {master['train_ce']:.4f} master (gap {gap:+.4f})",
               gap > 0.05)
 
-    fig, (ax_lost, ax_loss) = new_figure(2)
-    for n in RUNS:
-        rows = train_rows(results[n].run_dir)
-        steps = [r["step"] for r in rows]
-        ax_lost.plot(steps, [r["lost_update_frac"] for r in rows], marker="o", ms=3, label=n)
-        ax_loss.plot(steps, [r["loss"] for r in rows], marker="o", ms=3, label=n)
-    ax_lost.set_ylabel("fraction of updates rounded away")
-    ax_loss.set_ylabel("train loss (nats)")
-    for ax in (ax_lost, ax_loss):
-        ax.set_xlabel("step")
-        ax.legend()
-    res.plots.append(save_figure(fig, out_dir / "bf16_master_weights.png"))
+    res.plots.append(plot_runs({n: results[n].run_dir for n in RUNS}, "lost_update_frac",
+                               "fraction of updates rounded away", out_dir / "bf16_master_weights.png"))
     return res

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sandbox.teaching.lessons import LessonResult, new_figure, save_figure, train_lesson_run, train_rows
+from sandbox.teaching.lessons import LessonResult, plot_runs, train_lesson_run, train_rows
 
 NAME = "fp16_underflow"
 TITLE = "fp16 gradients underflow without loss scaling; the dynamic loss scaler fixes it"
@@ -55,16 +55,7 @@ def run(out_dir: Path, quick: bool = False) -> LessonResult:
               f"{scaled['overflow_skips']} overflow steps skipped",
               scaled["train_ce"] <= noscale["train_ce"] + 0.03)
 
-    fig, (ax_u, ax_l) = new_figure(2)
-    for n in RUNS:
-        rows = train_rows(results[n].run_dir)
-        steps = [r["step"] for r in rows]
-        ax_u.plot(steps, [r["underflow_frac"] for r in rows], marker="o", ms=3, label=n)
-        ax_l.semilogy(steps, [r["loss"] for r in rows], marker="o", ms=3, label=n)
-    ax_u.set_ylabel("fraction of logit gradients flushed to 0 in fp16")
-    ax_l.set_ylabel("train loss (nats)")
-    for ax in (ax_u, ax_l):
-        ax.set_xlabel("step")
-        ax.legend()
-    res.plots.append(save_figure(fig, out_dir / "fp16_underflow.png"))
+    res.plots.append(plot_runs({n: results[n].run_dir for n in RUNS}, "underflow_frac",
+                               "fraction of logit gradients flushed to 0 in fp16", out_dir / "fp16_underflow.png",
+                               log_loss=True))
     return res
