@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+from importlib import metadata
 
 from sandbox.errors import UserError
 
 # Modules whose `register(subparsers)` adds subcommands, in help order.
 COMMAND_MODULES = (
     "sandbox.train_cli",
+    "sandbox.config_cli",
     "sandbox.forensics.cli",
     "sandbox.ablate.cli",
     "sandbox.teaching.cli",
@@ -32,6 +35,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="sandbox", description="A JAX mixed-precision training lab.")
+    parser.add_argument("--version", action="version", version=f"sandbox {metadata.version('sandbox')}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     subparsers.required = True
     for name in COMMAND_MODULES:
@@ -52,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return UserError.exit_code
+    except BrokenPipeError:  # `sandbox config keys | head`: the reader left early, not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 0
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

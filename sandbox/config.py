@@ -430,15 +430,28 @@ def dump_yaml(cfg) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
-def describe(cls=Config, prefix: str = "") -> list[tuple[str, str, str]]:
-    """(key path, default, help) for every field: used by `sandbox config --help-keys`."""
+def _range_text(meta: dict) -> str:
+    if meta.get("choices"):
+        return " | ".join(map(str, meta["choices"]))
+    lo, hi = meta.get("min"), meta.get("max")
+    if lo is None and hi is None:
+        return ""
+    return f"{'' if lo is None else f'>= {lo}'}{' and ' if lo is not None and hi is not None else ''}" \
+           f"{'' if hi is None else f'<= {hi}'}"
+
+
+def describe(cls=Config, prefix: str = "") -> list[dict]:
+    """Every leaf key of the schema: path, type, default, valid range and help (`sandbox config keys`)."""
     rows = []
+    hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         path = f"{prefix}{f.name}"
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         if dataclasses.is_dataclass(default):
             rows += describe(type(default), path + ".")
         else:
-            rows.append((path, repr(default), f.metadata.get("help", "")))
+            rows.append({"key": path, "type": _type_name(hints[f.name]).removeprefix("an ").removeprefix("a "),
+                         "default": default, "range": _range_text(f.metadata),
+                         "help": f.metadata.get("help", "")})
     return rows
 

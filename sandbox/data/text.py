@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sandbox.data import builtin
 from sandbox.data.tokenizer import Tokenizer
 from sandbox.errors import UserError
 
@@ -58,7 +59,7 @@ def _read_with_datasets(paths: list[Path], cache_dir: Path) -> list[str]:
 
 def load_text_files(paths: tuple[str, ...], tokenizer: Tokenizer, cache_dir: str) -> np.ndarray:
     """All files' tokens concatenated, as a read-only memory map."""
-    files = [Path(p) for p in paths]
+    files = [builtin.resolve(p) for p in paths]
     for f in files:
         _check_file(f)
     key = [tokenizer.name] + [f"{f.resolve()}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files]

@@ -24,6 +24,11 @@ def register(subparsers) -> None:
     run.add_argument("--quick", action="store_true", help="shortened runs (what the tests use)")
     run.add_argument("--out", default=None, metavar="DIR", help="output folder (default lessons/NAME)")
     run.set_defaults(func=_run)
+    nb = sub.add_parser("notebook", help="write lessons as Jupyter notebooks (generated from the lesson code)")
+    nb.add_argument("names", nargs="*", metavar="NAME", help="lessons to write (default: all)")
+    nb.add_argument("--out", default="lessons/notebooks", metavar="DIR", help="output folder")
+    nb.add_argument("--quick", action="store_true", help="notebooks start with QUICK = True")
+    nb.set_defaults(func=_notebook)
 
 
 def _list(args: argparse.Namespace) -> int:
@@ -32,6 +37,15 @@ def _list(args: argparse.Namespace) -> int:
 
     rows = [(str(i), m.NAME, m.TITLE) for i, m in enumerate(all_lessons(), 1)]
     print_table("Lessons: sandbox lesson run NAME", ("#", "name", "what it shows"), rows)
+    return 0
+
+
+def _notebook(args: argparse.Namespace) -> int:
+    from sandbox.teaching.lessons import LESSON_MODULES
+    from sandbox.teaching.notebooks import write_notebook
+
+    for name in args.names or LESSON_MODULES:
+        print(write_notebook(name, Path(args.out), quick=args.quick))
     return 0
 
 
