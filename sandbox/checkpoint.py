@@ -15,6 +15,18 @@ no longer match it is truncated or bit-flipped. Either is invalid: `restore`
 refuses it, `newest_valid` walks back past it, and it is moved aside to
 `<step>.corrupt` (never deleted, never silently overwritten), which also lets
 orbax save that step again, since orbax skips steps at or below its latest.
+
+What counts as intact is strict, because a run directory is user-writable:
+- links are never followed: a step directory that is a symbolic link (say, to
+  an older step), or that holds one, is damaged, whatever its checksums say;
+- the manifest must be a mapping that covers every file present, and at least
+  one: an empty or partial manifest vouches for nothing;
+- the JSON record must name the step of its directory (a copied older step
+  carries a matching manifest but another state).
+Saving a step that already exists keeps it only if it holds exactly the state
+being saved (restored and compared bit for bit); otherwise the old one is moved
+aside like damage and the new state is written, so a run never "finishes"
+with some other state under its final step number.
 """
 
 from __future__ import annotations
@@ -28,12 +40,16 @@ from pathlib import Path
 from typing import Any, Callable
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
+from sandbox import sharding
 from sandbox.errors import UserError
 
-logging.getLogger("absl").setLevel(logging.ERROR)
-logging.getLogger("orbax").setLevel(logging.ERROR)
+# orbax logs its failures at ERROR (a damaged metadata file is echoed whole) and then raises or
+# carries on; every failure that matters reaches the user as one line from this module instead.
+logging.getLogger("absl").setLevel(logging.CRITICAL)
+logging.getLogger("orbax").setLevel(logging.CRITICAL)
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -43,6 +59,9 @@ def checkpoint_dir(run_dir: Path) -> Path:
 class Checkpointer:
     def __init__(self, run_dir: Path, keep: int = 3, read_only: bool = False):
         self.directory = checkpoint_dir(run_dir)
+        if self.directory.is_symlink():
+            raise UserError(f"{self.directory}: is a symbolic link; links inside a run directory are "
+                            f"never followed")
         self.read_only = read_only
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
                                                enable_async_checkpointing=False, read_only=read_only)
@@ -61,7 +80,7 @@ class Checkpointer:
     def save(self, step: int, state: Any, record: dict) -> Path:
         where = self.directory / str(step)
         if step in self.manager.all_steps():
-            reason = self.verify(step)
+            reason = self.verify(step) or self._differs(step, state)
             if reason is None:
                 return where
             self.quarantine(step, reason)
@@ -71,8 +90,21 @@ class Checkpointer:
         if not saved:
             raise UserError(f"{where}: not saved: a newer checkpoint ({self.latest_step()}) exists in "
                             f"{self.directory}")
-        write_manifest(where)
+        if sharding.is_primary_process():  # multi-host: orbax wrote every process's shards; one manifest
+            write_manifest(where)
+        sharding.sync_processes(f"manifest {step}")
         return where
+
+    def _differs(self, step: int, state: Any) -> str | None:
+        """Why the intact checkpoint at `step` is not exactly `state`, or None if it is."""
+        try:
+            saved, _ = self.restore(step, abstract_of(state))
+        except UserError as e:
+            return str(e).rsplit("(", 1)[-1].rstrip(")")
+        ours, theirs = jax.tree.leaves(jax.device_get(state)), jax.tree.leaves(jax.device_get(saved))
+        if len(ours) != len(theirs) or not all(_same_bits(a, b) for a, b in zip(ours, theirs)):
+            return "holds another state than the one being saved"
+        return None
 
     def verify(self, step: int) -> str | None:
         """Why the checkpoint at `step` is not intact, or None if it is."""
@@ -86,7 +118,9 @@ class Checkpointer:
         while dst.exists():
             n += 1
             dst = self.directory / f"{step}.corrupt.{n}"
-        os.replace(src, dst)
+        if sharding.is_primary_process():
+            os.replace(src, dst)
+        sharding.sync_processes(f"quarantine {step}")
         self.manager.reload()
         (report or _warn)(f"checkpoint {src}: {reason}; moved aside to {dst.name}")
         return dst
@@ -137,9 +171,27 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _same_bits(a, b) -> bool:
+    a, b = np.asarray(a), np.asarray(b)
+    return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+
+
+def _walk(step_dir: Path) -> tuple[list[str], list[str]]:
+    """(files, symbolic links) under a step directory, relative paths; links are not followed."""
+    files, links = [], []
+    for root, dirs, names in os.walk(step_dir, followlinks=False):
+        for name in dirs + names:
+            path = Path(root) / name
+            rel = path.relative_to(step_dir).as_posix()
+            if path.is_symlink():
+                links.append(rel)
+            elif name in names and not name.startswith(MANIFEST):
+                files.append(rel)
+    return sorted(files), sorted(links)
+
+
 def _files(step_dir: Path) -> list[str]:
-    return sorted(p.relative_to(step_dir).as_posix() for p in step_dir.rglob("*")
-                  if p.is_file() and not p.name.startswith(MANIFEST))
+    return _walk(step_dir)[0]
 
 
 def write_manifest(step_dir: Path) -> None:
@@ -153,25 +205,57 @@ def write_manifest(step_dir: Path) -> None:
     os.replace(tmp, step_dir / MANIFEST)
 
 
-def verify_manifest(step_dir: Path) -> str | None:
-    """None if every file matches the manifest, else one line saying what is wrong."""
-    if not step_dir.is_dir():
-        return "missing"
+def _read_manifest(step_dir: Path) -> dict[str, str] | str:
+    """The manifest's {relative path: sha256}, or why it cannot be used."""
     try:
         manifest = json.loads((step_dir / MANIFEST).read_text(encoding="utf-8"))
-        files = manifest["files"]
-        assert isinstance(files, dict)
     except FileNotFoundError:
         return "no checksum manifest (interrupted while saving?)"
-    except Exception:
+    except (OSError, ValueError):
         return "unreadable checksum manifest"
-    for rel, digest in files.items():
-        path = step_dir / rel
-        if not path.is_file():
-            return f"missing file {rel}"
-        if _sha256(path) != digest:
-            return f"checksum mismatch in {rel}"
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
+        return "malformed checksum manifest (expected a mapping of files to sha256 digests)"
+    if not files:
+        return "checksum manifest covers no files"
+    return files
+
+
+def _recorded_step_mismatch(step_dir: Path) -> str | None:
+    """Says so when the JSON record names another step than its directory.
+
+    An unreadable record is left to orbax's restore, which refuses it in its own words.
+    """
+    try:
+        recorded = json.loads((step_dir / "record" / "metadata").read_text(encoding="utf-8")).get("step")
+        expected = int(step_dir.name)
+    except (OSError, ValueError, AttributeError):
+        return None
+    if isinstance(recorded, int) and recorded != expected:
+        return f"directory {expected} records step {recorded}"
     return None
+
+
+def verify_manifest(step_dir: Path) -> str | None:
+    """None if the step directory is intact (see the module doc), else one line saying what is wrong."""
+    if step_dir.is_symlink():
+        return "is a symbolic link (links inside a run directory are never followed)"
+    if not step_dir.is_dir():
+        return "missing"
+    present, links = _walk(step_dir)
+    if links:
+        return f"holds a symbolic link ({links[0]}); links inside a run directory are never followed"
+    files = _read_manifest(step_dir)
+    if isinstance(files, str):
+        return files
+    if missing := sorted(set(files) - set(present)):
+        return f"missing file {missing[0]}"
+    if extra := sorted(set(present) - set(files)):
+        return f"file {extra[0]} is not in the checksum manifest"
+    for rel, digest in files.items():
+        if _sha256(step_dir / rel) != digest:
+            return f"checksum mismatch in {rel}"
+    return _recorded_step_mismatch(step_dir)
 
 
 def abstract_of(state: Any, shardings: Any = None) -> Any:

@@ -3,6 +3,9 @@
 Each feature package exposes `register(subparsers)`, which adds its
 subcommands with `set_defaults(func=...)`; `func(args)` returns an exit code.
 `UserError` anywhere becomes one line on stderr and exit status 2.
+SIGINT and SIGTERM are stop requests (rules in sandbox/interrupts.py):
+`sandbox train` stops itself at its next safe point and exits 0 (a stopped
+run is resumable); other commands print one line and exit 130.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import os
 import sys
 from importlib import metadata
 
+from sandbox import interrupts
 from sandbox.errors import UserError
 
 # Modules whose `register(subparsers)` adds subcommands, in help order.
@@ -24,6 +28,8 @@ COMMAND_MODULES = (
     "sandbox.teaching.cli",
     "sandbox.teaching.lessons_cli",
 )
+# Commands that honour a stop request themselves, at a safe point, and exit 0: never a KeyboardInterrupt.
+GRACEFUL_STOP_COMMANDS = frozenset({"train"})
 
 
 class _Parser(argparse.ArgumentParser):
@@ -49,7 +55,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _command_in(argv: list[str]) -> str | None:
+    """The subcommand named in argv, known before parsing (which imports modules, and can be interrupted)."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
 def main(argv: list[str] | None = None) -> int:
+    command = _command_in(sys.argv[1:] if argv is None else argv)
+    previous_handlers = interrupts.install_cli_handlers(graceful=command in GRACEFUL_STOP_COMMANDS)
     try:
         args = build_parser().parse_args(argv)
         return int(args.func(args) or 0)
@@ -60,5 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         return 0
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        print(f"sandbox{' ' + command if command else ''}: interrupted", file=sys.stderr)
+        return 0 if command in GRACEFUL_STOP_COMMANDS else interrupts.ABORT_EXIT
+    finally:
+        interrupts.restore(previous_handlers)

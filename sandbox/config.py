@@ -5,7 +5,11 @@ valid range. YAML files and `--set key.path=value` overrides are merged as
 plain dicts first, then validated in one place, so an unknown key, a wrong
 type or an out-of-range value is always reported the same way: one line that
 names the key path and what was expected (a `UserError`, exit status 2).
-YAML is read with `yaml.safe_load` only: a config file can never run code.
+YAML is read with a strict subclass of `yaml.SafeLoader` only: a config file
+can never run code, a key written twice is an error (YAML would keep the last
+one silently), and aliases may not expand to more than `YAML_MAX_NODES` nodes
+(a few hundred bytes of nested aliases otherwise expand to billions, and any
+code that walks or prints the value runs out of memory).
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ from typing import Any
 
 import yaml
 
-from sandbox.errors import UserError
+from sandbox.errors import UserError, shown
+from sandbox.rundir import check_name
 
 
 def F(default, help: str, *, min=None, max=None, choices=None):  # noqa: A002
@@ -31,12 +36,12 @@ def F(default, help: str, *, min=None, max=None, choices=None):  # noqa: A002
 
 @dataclass(frozen=True)
 class ModelConfig:
-    vocab_size: int = F(256, "vocabulary size; must match the tokenizer", min=2)
-    context: int = F(64, "maximum sequence length T", min=2)
-    n_layer: int = F(2, "number of transformer blocks", min=1)
-    n_head: int = F(2, "attention heads per block", min=1)
-    d_model: int = F(64, "residual stream width; divisible by n_head", min=1)
-    mlp_ratio: int = F(4, "MLP hidden width as a multiple of d_model", min=1)
+    vocab_size: int = F(256, "vocabulary size; must match the tokenizer", min=2, max=2**24)
+    context: int = F(64, "maximum sequence length T", min=2, max=2**20)
+    n_layer: int = F(2, "number of transformer blocks", min=1, max=1024)
+    n_head: int = F(2, "attention heads per block", min=1, max=4096)
+    d_model: int = F(64, "residual stream width; divisible by n_head", min=1, max=2**20)
+    mlp_ratio: int = F(4, "MLP hidden width as a multiple of d_model", min=1, max=64)
     positions: str = F("learned", "position encoding", choices=("learned", "rotary"))
     dropout: float = F(0.0, "dropout rate on residual branches", min=0.0, max=0.9)
     init_std: float = F(0.02, "std of the normal weight initialiser", min=0.0)
@@ -47,18 +52,25 @@ class SyntheticConfig:
     alphabet: int = F(16, "symbols of the Markov source (token ids 0..alphabet-1)", min=2, max=256)
     order: int = F(1, "Markov order k: each symbol depends on the previous k", min=1, max=4)
     concentration: float = F(0.3, "Dirichlet alpha of each transition row; lower = lower entropy", min=1e-3)
-    seed: int = F(1234, "seed of the source itself (another seed is another distribution)", min=0)
+    seed: int = F(1234, "seed of the source itself (another seed is another distribution)", min=0,
+                   max=2**64 - 1)
 
 
 @dataclass(frozen=True)
 class DataConfig:
     source: str = F("synthetic", "where tokens come from", choices=("synthetic", "text", "hf"))
-    paths: tuple[str, ...] = F((), "text files for source=text (relative to the config file or cwd)")
-    hf_name: str = F("", "HF dataset name for source=hf")
-    hf_config: str = F("", "HF dataset config for source=hf")
-    hf_split: str = F("train", "HF split for source=hf")
-    hf_field: str = F("text", "text field for source=hf")
-    tokenizer: str = F("byte", "tokenizer", choices=("byte",))
+    paths: tuple[str, ...] = F((), "source=text: text files; source=hf: JSON/CSV/Parquet/text data files "
+                                   "(relative to the config file or cwd; builtin:NAME = a shipped corpus)")
+    hf_name: str = F("", "source=hf: a local save_to_disk folder (hub names are refused: nothing is "
+                         "downloaded at run time)")
+    hf_format: str = F("auto", "source=hf: the format of data.paths (auto = from each file's suffix)",
+                       choices=("auto", "json", "csv", "parquet", "text"))
+    hf_split: str = F("train", "source=hf: the split of a saved DatasetDict")
+    hf_field: str = F("text", "source=hf: the column that holds the text")
+    tokenizer: str = F("byte", "byte = UTF-8 bytes; bpe = byte-level BPE trained on the training split",
+                       choices=("byte", "bpe"))
+    bpe_vocab_size: int = F(512, "vocabulary of the trained BPE (tokenizer=bpe); model.vocab_size must be "
+                                 "at least this", min=256, max=65536)
     val_fraction: float = F(0.1, "fraction of the corpus (its tail) held out for validation", min=0.0, max=0.5)
     cache_dir: str = F(".cache/sandbox", "where tokenized corpora are cached as memory-mapped arrays")
     prefetch: int = F(2, "batches prepared ahead on a background thread (0 = none)", min=0, max=64)
@@ -82,7 +94,7 @@ class OptimizerConfig:
 @dataclass(frozen=True)
 class TrainingConfig:
     steps: int = F(200, "optimizer steps", min=1)
-    batch_size: int = F(16, "sequences per step (all microbatches together)", min=1)
+    batch_size: int = F(16, "sequences per step (all microbatches together)", min=1, max=2**30)
     eval_every: int = F(100, "evaluate on the validation split every N steps (0 = end only)", min=0)
     eval_batches: int = F(8, "validation batches per evaluation", min=1)
     log_every: int = F(10, "read metrics to the host every N steps", min=1)
@@ -156,22 +168,26 @@ class ObjectiveConfig:
 class ForensicsConfig:
     nan_policy: str = F("capture", "on a non-finite loss/grad/param", choices=("halt", "skip", "capture"))
     skip_spikes: bool = F(False, "skip updates whose loss exceeds the rolling mean by spike_sigma stds")
-    spike_window: int = F(50, "window of the rolling loss statistics", min=2)
+    spike_window: int = F(50, "window of the rolling loss statistics", min=2, max=2**20)
     spike_sigma: float = F(6.0, "spike threshold in standard deviations", min=0.0)
     activations: bool = F(False, "log per-block activation amax and non-finite counts")
     history: int = F(50, "metrics rows kept in a failure bundle", min=1)
+    max_skipped_steps: int = F(100, "stop as a failure after more than N steps in a row without an "
+                                    "update: overflows, nan_policy=skip, spikes (0 = never)", min=0, max=2**31 - 1)
+    min_scale_overflows: int = F(3, "stop as a failure after N overflows in a row at the minimum loss "
+                                    "scale (0 = never)", min=0, max=2**31 - 1)
 
 
 @dataclass(frozen=True)
 class MeshConfig:
-    data: int = F(-1, "data-parallel devices (-1 = all local devices / fsdp)")
-    fsdp: int = F(1, "devices that shard parameters and optimizer state", min=1)
+    data: int = F(-1, "data-parallel devices (-1 = all local devices / fsdp)", min=-1, max=2**16)
+    fsdp: int = F(1, "devices that shard parameters and optimizer state", min=1, max=2**16)
 
 
 @dataclass(frozen=True)
 class Config:
     name: str = F("", "run name (default: the config file's stem)")
-    seed: int = F(0, "training seed: init, batches and dropout", min=0)
+    seed: int = F(0, "training seed: init, batches and dropout (JAX keys hold 32 bits)", min=0, max=2**32 - 1)
     run_root: str = F("runs", "runs are written to run_root/name")
     deterministic: bool = F(False, "force deterministic XLA ops on GPU")
     model: ModelConfig = F(ModelConfig(), "model")
@@ -203,13 +219,13 @@ def _coerce(value: Any, tp, path: str):
     """Checks `value` against the annotation `tp`, returning the typed value."""
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise UserError(f"{path}: expected a mapping of {tp.__name__} fields, got {value!r}")
+            raise UserError(f"{path}: expected a mapping of {tp.__name__} fields, got {shown(value)}")
         return _build(tp, value, path)
     if typing.get_origin(tp) is tuple:
         if isinstance(value, str):
             value = [value]
         if not isinstance(value, (list, tuple)):
-            raise UserError(f"{path}: expected {_type_name(tp)}, got {value!r}")
+            raise UserError(f"{path}: expected {_type_name(tp)}, got {shown(value)}")
         (item_tp, _) = typing.get_args(tp)
         return tuple(_coerce(v, item_tp, f"{path}[{i}]") for i, v in enumerate(value))
     if tp is bool:
@@ -228,21 +244,29 @@ def _coerce(value: Any, tp, path: str):
                 pass
     elif tp is str:
         if isinstance(value, str):
+            if "\0" in value:  # names and paths reach the OS, which refuses NUL with a traceback
+                raise UserError(f"{path}: contains a NUL byte: {shown(value)}")
             return value
-    raise UserError(f"{path}: expected {_type_name(tp)}, got {value!r}")
+    raise UserError(f"{path}: expected {_type_name(tp)}, got {shown(value)}")
+
+
+# Integers end up in int32 device arrays and loop counters: no field goes past this without its own max.
+INT_MAX = 2**31 - 1
 
 
 def _check_range(value, meta, path):
     lo, hi, choices = meta.get("min"), meta.get("max"), meta.get("choices")
+    if hi is None and isinstance(value, int) and not isinstance(value, bool):
+        hi = INT_MAX
     if choices is not None and value not in choices:
-        raise UserError(f"{path}: expected one of {', '.join(map(str, choices))}, got {value!r}")
+        raise UserError(f"{path}: expected one of {', '.join(map(str, choices))}, got {shown(value)}")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if value != value or value in (float("inf"), float("-inf")):
-            raise UserError(f"{path}: expected a finite number, got {value!r}")
+            raise UserError(f"{path}: expected a finite number, got {shown(value)}")
         if lo is not None and value < lo:
-            raise UserError(f"{path}: expected >= {lo}, got {value!r}")
+            raise UserError(f"{path}: expected >= {lo}, got {shown(value)}")
         if hi is not None and value > hi:
-            raise UserError(f"{path}: expected <= {hi}, got {value!r}")
+            raise UserError(f"{path}: expected <= {hi}, got {shown(value)}")
 
 
 def _build(cls, raw: dict, prefix: str = ""):
@@ -276,12 +300,12 @@ def _check_consistency(cfg: Config) -> None:
                         f"training.batch_size={cfg.training.batch_size}")
     if cfg.data.source == "text" and not cfg.data.paths:
         raise UserError("data.paths: source=text needs at least one text file")
-    if cfg.data.source == "hf" and not cfg.data.hf_name:
-        raise UserError("data.hf_name: source=hf needs a dataset name")
+    if cfg.data.source == "hf" and bool(cfg.data.hf_name) == bool(cfg.data.paths):
+        raise UserError("data.hf_name: source=hf reads one of data.hf_name (a save_to_disk folder) or "
+                        "data.paths (data files)" + (", not both" if cfg.data.paths else ""))
     if cfg.data.source == "synthetic" and cfg.data.synthetic.alphabet > m.vocab_size:
         raise UserError("data.synthetic.alphabet: larger than model.vocab_size")
-    if not cfg.name or "/" in cfg.name or cfg.name in (".", ".."):
-        raise UserError(f"name: expected a plain run name, got {cfg.name!r}")
+    check_name(cfg.name, "name")  # run_root/name must stay inside run_root
 
 
 # ----------------------------------------------------------------- loading
@@ -300,6 +324,72 @@ def to_dict(cfg) -> dict:
     return plain(dataclasses.asdict(cfg))
 
 
+YAML_MAX_NODES = 100_000  # expanded nodes in one document; real configs have a few hundred
+
+
+class _Refused(yaml.YAMLError):
+    """A well-formed YAML document this project refuses: one line, with the line it is on."""
+
+    def __init__(self, message: str, mark=None):
+        super().__init__(message)
+        self.message, self.mark = message, mark
+
+
+class StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys and alias bombs (see the module doc)."""
+
+    def get_single_node(self):
+        node = super().get_single_node()
+        if node is not None:
+            _expanded_size(node, {}, YAML_MAX_NODES)
+        return node
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may override, by design
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                if isinstance(key, typing.Hashable) and key in seen:
+                    raise _Refused(f"duplicate key {shown(key)}", key_node.start_mark)
+                if isinstance(key, typing.Hashable):
+                    seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _expanded_size(node, sizes: dict, budget: int) -> int:
+    """Nodes in `node` with every alias expanded, memoised per node, so a bomb is never expanded."""
+    key = id(node)
+    if key in sizes:
+        if sizes[key] is None:
+            raise _Refused("recursive alias", node.start_mark)
+        return sizes[key]
+    sizes[key] = None
+    children = node.value if isinstance(node.value, list) else []
+    flat = [c for pair in children for c in pair] if isinstance(node, yaml.MappingNode) else children
+    total = 1 + sum(_expanded_size(c, sizes, budget) for c in flat)
+    if total > budget:
+        raise _Refused(f"aliases expand to more than {budget:,} nodes", node.start_mark)
+    sizes[key] = total
+    return total
+
+
+def load_yaml_text(text: str, where: str | Path) -> Any:
+    """YAML data from text through `StrictLoader`, or a one-line UserError naming `where`."""
+    try:
+        return yaml.load(text, Loader=StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except _Refused as e:
+        line = f" line {e.mark.line + 1}:" if e.mark else ""
+        raise UserError(f"{where}:{line} {e.message}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark else ""
+        raise UserError(f"{where}:{line} invalid YAML") from None
+    except RecursionError:
+        raise UserError(f"{where}: YAML nested too deeply") from None
+
+
 def read_yaml(path: str | Path) -> dict:
     """A YAML mapping from a file, or a one-line UserError naming the file."""
     path = Path(path)
@@ -311,12 +401,7 @@ def read_yaml(path: str | Path) -> dict:
         raise UserError(f"{path}: is a directory, expected a YAML file") from None
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: cannot read ({e.__class__.__name__})") from None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise UserError(f"{path}:{where} invalid YAML") from None
+    raw = load_yaml_text(text, path)
     if raw is None:
         return {}
     if not isinstance(raw, dict):
@@ -333,8 +418,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not all(parts):
         raise UserError(f"--set {text!r}: empty key path")
     try:
-        parsed = yaml.safe_load(value) if value.strip() else ""
-    except yaml.YAMLError:
+        parsed = yaml.load(value, Loader=StrictLoader) if value.strip() else ""  # noqa: S506
+    except (yaml.YAMLError, RecursionError):
         parsed = value
     if isinstance(parsed, str) and parsed.lower() in ("inf", "+inf", "-inf", "nan"):
         parsed = float(parsed)
@@ -388,7 +473,7 @@ def read_with_bases(path: Path, _seen: tuple = ()) -> dict:
     if base is None:
         return raw
     if not isinstance(base, str):
-        raise UserError(f"{path}: base: expected a file name, got {base!r}")
+        raise UserError(f"{path}: base: expected a file name, got {shown(base)}")
     base_path = (path.parent / base).resolve()
     if base_path in _seen:
         raise UserError(f"{path}: base: circular reference to {base_path}")

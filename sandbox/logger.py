@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -15,6 +16,8 @@ from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
+
+from sandbox import sharding
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, float]:
@@ -31,6 +34,30 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, float]:
     return out
 
 
+# TensorBoard tags: per-step guard flags are events (metrics.jsonl has them as rows, the console prints
+# them), not curves: as 0/1 scalars they only add panels. The rest is grouped by what a reader compares,
+# with train and val side by side ("loss/train_ce" next to "loss/val_ce").
+TB_SKIP = frozenset({"applied", "overflow", "nonfinite", "spike", "stalled", "failed_step"})
+TB_GROUPS = (
+    ("loss", ("loss", "ce", "kl", "beta", "bits_per_token", "bits_per_byte", "perplexity", "kl_to_source",
+              "entropy", "kl_to_reference_reverse", "kl_to_reference_forward", "precision_drift")),
+    ("optim", ("grad_norm", "lr", "update_ratio")),
+    ("precision", ("loss_scale", "underflow_frac", "overflow_frac", "lost_update_frac")),
+    ("speed", ("tokens_per_s", "step_time")),
+)
+TB_GROUP_OF = {key: group for group, keys in TB_GROUPS for key in keys}
+
+
+def tb_tag(split: str, key: str) -> str | None:
+    """The TensorBoard tag of a metric, or None for a flag that is not a curve."""
+    if key in TB_SKIP:
+        return None
+    head, _, rest = key.partition("/")
+    if rest:  # nested families keep their own group: fp8/<tensor>/..., fp8_stats/..., activations/...
+        return f"{head}/{split}/{rest}"
+    return f"{TB_GROUP_OF.get(key, 'other')}/{split}_{key}"
+
+
 def _json_value(v: float):
     return v if math.isfinite(v) else str(v)  # JSON has no inf/nan
 
@@ -41,22 +68,25 @@ class RunLogger:
         self.run_dir = Path(run_dir)
         self.cfg = cfg_logging
         self.jsonl = None
-        if cfg_logging.jsonl:
+        primary = sharding.is_primary_process()  # multi-host: process 0 alone writes the run's logs
+        if cfg_logging.jsonl and primary:
             path = self.run_dir / "metrics.jsonl"
             self._truncate_after(path, start_step)
             self.jsonl = path.open("a", encoding="utf-8")
         self.tb = None
-        if cfg_logging.tensorboard:
+        if cfg_logging.tensorboard and primary:
             from tensorboardX import SummaryWriter
 
             self.tb = SummaryWriter(str(tb_dir or self.run_dir / "tb"), flush_secs=10)
         self.progress = None
-        if cfg_logging.progress and sys.stderr.isatty():
+        if cfg_logging.progress and primary and sys.stderr.isatty():
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+            # auto_refresh=False: no refresh thread that could outlive close() (a stop must leave no
+            # thread running at exit, see interrupts.py); the bar is redrawn at each update instead.
             self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
                                      TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
-                                     transient=True)
+                                     transient=True, auto_refresh=False)
             self.task = self.progress.add_task("train", total=total_steps, completed=start_step, info="")
             self.progress.start()
 
@@ -65,11 +95,21 @@ class RunLogger:
         """On resume, drop rows past the restored step so the log matches an uninterrupted run.
 
         Rows carry `step` = steps completed, and everything up to a checkpoint's
-        step is flushed before the checkpoint is written.
+        step is flushed before the checkpoint is written. Damaged lines (a crash
+        mid-write, a stray byte) are dropped too, after the file as it was is
+        copied aside and the lines are named in one message: the run resumes.
         """
         if not path.exists():
             return
-        keep = [row for row in read_metrics(path.parent) if row.get("step", 0) <= start_step]
+        damaged: list[int] = []
+        rows = read_metrics(path.parent, damaged)
+        if damaged:
+            aside = _free_name(path.with_name(path.name + ".damaged"))
+            shutil.copyfile(path, aside)
+            shown = ", ".join(map(str, damaged[:10])) + (f" (+{len(damaged) - 10} more)" if len(damaged) > 10 else "")
+            print(f"{path}: skipped {len(damaged)} damaged line{'s' if len(damaged) > 1 else ''} ({shown}); "
+                  f"the file as it was is kept as {aside.name}", file=sys.stderr, flush=True)
+        keep = [row for row in rows if row["step"] <= start_step]
         path.write_text("".join(json.dumps(r) + "\n" for r in keep), encoding="utf-8")
 
     def log(self, step: int, split: str, scalars: dict[str, float]) -> None:
@@ -77,9 +117,11 @@ class RunLogger:
             row = {"step": step, "split": split, "time": round(time.time(), 3)}
             row.update({k: _json_value(v) for k, v in scalars.items()})
             self.jsonl.write(json.dumps(row) + "\n")
+            self.jsonl.flush()  # its tail is what other tools (ablate progress, tail -f) read
         if self.tb:
             for k, v in scalars.items():
-                self.tb.add_scalar(f"{split}/{k}", v, step)
+                if (tag := tb_tag(split, k)) is not None:
+                    self.tb.add_scalar(tag, v, step)
 
     def event(self, step: int, kind: str, detail: dict) -> None:
         """A discrete event (overflow, failure, ...) as its own JSONL row."""
@@ -89,7 +131,7 @@ class RunLogger:
 
     def update_progress(self, step: int, info: str) -> None:
         if self.progress:
-            self.progress.update(self.task, completed=step, info=info)
+            self.progress.update(self.task, completed=step, info=info, refresh=True)
 
     def print(self, text: str) -> None:
         if self.progress:
@@ -104,21 +146,51 @@ class RunLogger:
             self.tb.flush()
 
     def close(self) -> None:
-        if self.progress:
-            self.progress.stop()
+        progress, self.progress = self.progress, None  # idempotent; later prints go to plain stderr
+        try:
+            if progress:
+                progress.stop()
+        except OSError:  # the terminal went away (closed pty, hung-up ssh): the files still get closed
+            pass
         if self.jsonl:
             self.jsonl.close()
         if self.tb:
             self.tb.close()
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
+def read_metrics(run_dir: Path, damaged: list[int] | None = None) -> list[dict]:
+    """The rows of run_dir/metrics.jsonl, each a dict with an integer `step`.
+
+    A line that is not such a row (not UTF-8, not JSON, not an object, no integer step: a crash
+    mid-write, a stray byte) is skipped, and its 1-based number appended to `damaged` if given.
+    """
     path = Path(run_dir) / "metrics.jsonl"
     rows = []
     if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
+        for number, line in enumerate(path.read_bytes().split(b"\n"), 1):
+            if not line.strip():
                 continue
+            row = _parse_row(line)
+            if row is not None:
+                rows.append(row)
+            elif damaged is not None:
+                damaged.append(number)
     return rows
+
+
+def _parse_row(line: bytes) -> dict | None:
+    try:
+        row = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return None
+    step = row.get("step") if isinstance(row, dict) else None
+    return row if isinstance(step, int) and not isinstance(step, bool) else None
+
+
+def _free_name(path: Path) -> Path:
+    """path, or path.1, path.2, ...: the first that does not exist (an earlier copy is never overwritten)."""
+    n, candidate = 0, path
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.name}.{n}")
+    return candidate

@@ -62,7 +62,11 @@ class Block(nn.Module):
             if c.positions == "rotary":
                 q_BTHK, k_BTHK = rotary(q_BTHK), rotary(k_BTHK)
             q_BTHK = q_BTHK * jnp.asarray(k**-0.5, q_BTHK.dtype)
-            scores_BHTT = jnp.einsum("bthk,bshk->bhts", q_BTHK, k_BTHK, precision=p.precision)
+            # The scores leave the dot in the softmax dtype (fp32 accumulation, one rounding),
+            # never rounded to the compute dtype first; only the naive ablation keeps them narrow.
+            scores_dtype = p.compute_dtype if p.naive_softmax else p.softmax_dtype
+            scores_BHTT = jnp.einsum("bthk,bshk->bhts", q_BTHK, k_BTHK, precision=p.precision,
+                                     preferred_element_type=scores_dtype)
             causal_TT = jnp.tril(jnp.ones((t, t), bool))
             probs_BHTT = p.attention_softmax(scores_BHTT, causal_TT)
             y_BTHK = jnp.einsum("bhts,bshk->bthk", probs_BHTT, v_BTHK, precision=p.precision)
@@ -107,7 +111,8 @@ class GPT(nn.Module):
                 logits_BTV = lax.dot_general(x_BTD, w_VD, dims, precision=p.precision,
                                              preferred_element_type=p.output_dtype)
             else:
-                logits_BTV = dot_cls(name="head_dot")(x_BTD, w_VD, dims)
+                logits_BTV = dot_cls(name="head_dot")(x_BTD, w_VD, dims,
+                                                      preferred_element_type=p.output_dtype)
         return p.cast_to_output(logits_BTV)
 
 

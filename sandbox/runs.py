@@ -1,17 +1,45 @@
-"""Reading finished runs back: their config and latest checkpointed state.
+"""Reading runs back: their config and latest checkpointed state, and what a resume may change.
 
-Used by `sandbox sample`, the KL reference and the ablation report. A run
-directory is trusted only as data: the config goes through the same
-validation as a user's YAML, the state through orbax with an explicit
-target structure (no pickle).
+Used by `sandbox sample`, the KL reference, the ablation report and
+`--resume`. A run directory is trusted only as data: the config goes through
+the same validation as a user's YAML, the state through orbax with an
+explicit target structure (no pickle).
+
+Resuming with a changed config (`check_resume`): the new config is compared,
+key by key, with the config the newest checkpoint was saved with (its JSON
+record; `config.yaml` when no record is readable). Only `RESUME_MAY_CHANGE`
+may differ: how long the run goes on, how often it evaluates, logs and
+saves, and where logs and caches go. None of them touches the saved state
+or what a step computes. Any other change (a policy, a learning rate, a
+model shape) is refused with the list of changed keys, before anything in
+the run directory changes; a change of shapes says so, instead of orbax's
+tree-mismatch message at restore time. `training.steps` is allowed, but the
+learning-rate schedule spans it (unless `optimizer.decay_steps` fixes it),
+so the resumed steps follow a different schedule: a note says so.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import jax
+
 from sandbox import config as config_lib
+from sandbox.checkpoint import Checkpointer, abstract_of
 from sandbox.errors import UserError
+from sandbox.model import GPT
+from sandbox.precision.policy import make_loss_scaler, make_policy
+from sandbox.rundir import atomic_write
+from sandbox.train.state import init_state, make_optimizer
+
+# Keys a resume may change (a trailing "." covers a section); the error message lists them.
+RESUME_MAY_CHANGE = ("training.steps", "training.eval_every", "training.eval_batches", "training.log_every",
+                     "checkpoint.every", "checkpoint.keep", "logging.", "data.prefetch", "data.cache_dir")
+# Keys that name the directory, not the run (`runs` and `/abs/runs` are the same run): never compared.
+IDENTITY_KEYS = ("name", "run_root")
+SHOWN_VALUE_CHARS = 40
+SHOWN_SHAPE_CHANGES = 2
 
 
 def load_run_config(run_dir: str | Path) -> config_lib.Config:
@@ -27,20 +55,8 @@ def load_run_config(run_dir: str | Path) -> config_lib.Config:
 
 def load_run_state(run_dir: str | Path, step: int | None = None):
     """(config, state, step) of a run's latest (or given) checkpoint."""
-    from sandbox.checkpoint import Checkpointer, abstract_of
-    from sandbox.model import GPT
-    from sandbox.precision.policy import make_loss_scaler, make_policy
-    from sandbox.train.state import init_state, make_optimizer
-
-    import jax
-
     cfg = load_run_config(run_dir)
-    policy = make_policy(cfg.precision)
-    model = GPT(cfg.model, policy)
-    tx = make_optimizer(cfg.optimizer, cfg.training.steps)
-    scaler = make_loss_scaler(policy, cfg.precision.loss_scale)
-    abstract = jax.eval_shape(lambda: init_state(model, tx, scaler, cfg.seed, cfg.model.context,
-                                                 cfg.forensics.spike_window))
+    abstract = abstract_state(cfg)
     ckpt = Checkpointer(Path(run_dir), read_only=True)
     try:
         steps = ckpt.steps()
@@ -56,3 +72,121 @@ def load_run_state(run_dir: str | Path, step: int | None = None):
     finally:
         ckpt.close()
     return cfg, state, step
+
+
+def abstract_state(cfg: config_lib.Config):
+    """The train state's structure, shapes and dtypes under `cfg` (jax.eval_shape: nothing allocated)."""
+    policy = make_policy(cfg.precision)
+    model = GPT(cfg.model, policy)
+    tx = make_optimizer(cfg.optimizer, cfg.training.steps)
+    scaler = make_loss_scaler(policy, cfg.precision.loss_scale)
+    return jax.eval_shape(lambda: init_state(model, tx, scaler, cfg.seed, cfg.model.context,
+                                             cfg.forensics.spike_window))
+
+
+# ----------------------------------------------------------------- resuming with a changed config
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def config_changes(old: config_lib.Config, new: config_lib.Config) -> dict[str, tuple]:
+    """{dotted key: (old value, new value)} for every key that differs, identity keys left out."""
+    a, b = _flat(config_lib.to_dict(old)), _flat(config_lib.to_dict(new))
+    return {k: (a.get(k), b.get(k)) for k in dict.fromkeys([*a, *b])
+            if k not in IDENTITY_KEYS and a.get(k) != b.get(k)}
+
+
+def _may_change(key: str) -> bool:
+    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUME_MAY_CHANGE)
+
+
+def _shown(value) -> str:
+    text = repr(value)
+    return text if len(text) <= SHOWN_VALUE_CHARS else text[:SHOWN_VALUE_CHARS] + "..."
+
+
+def _checkpoint_records(run_dir: Path) -> list[Path]:
+    """Record files of the step directories, newest first; links are not followed."""
+    root = Path(run_dir) / "checkpoints"
+    if root.is_symlink() or not root.is_dir():
+        return []
+    steps = sorted((int(p.name) for p in root.iterdir() if p.name.isdigit() and not p.is_symlink()), reverse=True)
+    return [root / str(step) / "record" / "metadata" for step in steps]
+
+
+def previous_config(run_dir: Path) -> tuple[config_lib.Config | None, str]:
+    """The config the newest checkpoint was saved with, else config.yaml's; and where it came from."""
+    for record in _checkpoint_records(run_dir):
+        try:
+            raw = json.loads(record.read_text(encoding="utf-8"))["config"]
+            return config_lib.from_dict(raw, default_name=Path(run_dir).name), f"checkpoint {record.parent.parent.name}"
+        except (OSError, ValueError, KeyError, TypeError, UserError):
+            continue  # an unreadable record: the state's own checksum check deals with the step
+    path = Path(run_dir) / "config.yaml"
+    if path.is_file():
+        return config_lib.from_dict(config_lib.read_yaml(path), default_name=Path(run_dir).name), "config.yaml"
+    return None, ""
+
+
+def _shape_changes(old: config_lib.Config, new: config_lib.Config) -> list[str]:
+    """'path: f32[256,32] -> f32[256,64]' for each state leaf whose shape or dtype differs (or exists in one only)."""
+    def leaves(cfg):
+        flat, _ = jax.tree_util.tree_flatten_with_path(abstract_state(cfg))
+        return {"/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path):
+                f"{x.dtype}{list(x.shape)}" for path, x in flat}
+
+    try:
+        a, b = leaves(old), leaves(new)
+    except UserError:
+        return []
+    return [f"{k}: {a.get(k, 'absent')} -> {b.get(k, 'absent')}" for k in dict.fromkeys([*a, *b])
+            if a.get(k) != b.get(k)]
+
+
+def check_resume(run_dir: Path, cfg: config_lib.Config) -> list[str]:
+    """Refuses a resume whose config changes more than RESUME_MAY_CHANGE; returns notes on allowed changes."""
+    old, source = previous_config(run_dir)
+    if old is None:
+        return []
+    changes = config_changes(old, cfg)
+    refused = {k: v for k, v in changes.items() if not _may_change(k)}
+    if refused:
+        listed = ", ".join(f"{k} {_shown(a)} -> {_shown(b)}" for k, (a, b) in refused.items())
+        shapes = _shape_changes(old, cfg)
+        why = ""
+        if shapes:
+            why = (f"; the saved state has other shapes or dtypes under the new config ({len(shapes)} arrays, e.g. "
+                   f"{'; '.join(shapes[:SHOWN_SHAPE_CHANGES])}), so it cannot be loaded into it")
+        raise UserError(f"{run_dir}: --resume with a changed config (vs {source}): {listed}{why}; a resume may "
+                        f"change only {', '.join(k + ('*' if k.endswith('.') else '') for k in RESUME_MAY_CHANGE)}"
+                        f"; start a new run (another --name) for anything else")
+    notes = []
+    if changes:
+        notes.append("resuming with changed " + ", ".join(f"{k} {_shown(a)} -> {_shown(b)}"
+                                                           for k, (a, b) in changes.items()))
+    if "training.steps" in changes:
+        (a, b) = changes["training.steps"]
+        if cfg.optimizer.decay_steps:
+            notes.append(f"the learning-rate schedule is fixed by optimizer.decay_steps={cfg.optimizer.decay_steps}; "
+                         f"training.steps {a} -> {b} only changes where the run stops")
+        else:
+            notes.append(f"the learning-rate schedule's cosine decay spans training.steps, so it changes with it "
+                         f"({a} -> {b}): the resumed steps follow the new schedule, and the run will differ from "
+                         f"one started with training.steps={b}")
+    return notes
+
+
+def write_run_config(run_dir: Path, cfg: config_lib.Config, resume: bool, report=print) -> None:
+    """config.yaml, written only after a resume's config has been checked against the checkpoint."""
+    if resume:
+        for note in check_resume(run_dir, cfg):
+            report(note)
+    atomic_write(Path(run_dir) / "config.yaml", config_lib.dump_yaml(cfg))

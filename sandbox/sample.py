@@ -1,6 +1,7 @@
 """Text generation from a trained run: temperature, top-k and nucleus (top-p) sampling.
 
-Filtering happens on log-probabilities (log-softmax of the fp32 logits):
+Filtering happens on log-probabilities (`infotheory.log_softmax` of the fp32
+logits, max-shifted, so large logits keep their precision):
 top-k and top-p mask tokens to -inf, and the draw is a categorical sample
 over what is left. The whole context window is re-run each token (no KV
 cache): the models here are small and this keeps one forward function.
@@ -12,10 +13,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sandbox import infotheory
+
 
 def filter_logprobs(logp_V, temperature: float, top_k: int, top_p: float):
     """Log-probabilities after temperature, top-k and top-p (renormalised)."""
-    logp = jax.nn.log_softmax(logp_V / max(temperature, 1e-6))
+    logp = infotheory.log_softmax(logp_V / max(temperature, 1e-6))
     if top_k and top_k < logp.shape[-1]:
         kth = jnp.sort(logp)[..., -top_k]
         logp = jnp.where(logp >= kth, logp, -jnp.inf)
@@ -26,7 +29,7 @@ def filter_logprobs(logp_V, temperature: float, top_k: int, top_p: float):
         keep_sorted = (cum - jnp.exp(sorted_lp)) < top_p  # always keeps the top token
         keep = jnp.zeros_like(keep_sorted).at[order].set(keep_sorted)
         logp = jnp.where(keep, logp, -jnp.inf)
-    return jax.nn.log_softmax(logp)
+    return infotheory.log_softmax(logp)
 
 
 def generate(model, params, fp8_meta, prompt_ids, *, max_tokens: int, context: int, temperature: float = 1.0,
@@ -56,13 +59,14 @@ def generate(model, params, fp8_meta, prompt_ids, *, max_tokens: int, context: i
 
 
 def sample_from_run(run_dir, prompt: str, **kwargs) -> str:
-    from sandbox.data import make_tokenizer
+    from sandbox.data import tokenizer_for
     from sandbox.model import GPT
     from sandbox.precision.policy import make_policy
     from sandbox.runs import load_run_state
 
     cfg, state, _ = load_run_state(run_dir)
-    tok = make_tokenizer(cfg.data.tokenizer)
-    model = GPT(cfg.model, make_policy(cfg.precision))
-    out = generate(model, state.params, state.fp8_meta, tok.encode(prompt), context=cfg.model.context, **kwargs)
+    tok = tokenizer_for(cfg)  # a BPE run's own tokenizer, from the cache keyed by its corpus
+    # an empty prompt starts after a newline, in the tokenizer's own ids
+    out = generate(GPT(cfg.model, make_policy(cfg.precision)), state.params, state.fp8_meta,
+                   tok.encode(prompt or "\n"), context=cfg.model.context, **kwargs)
     return prompt + tok.decode(out)

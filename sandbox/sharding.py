@@ -26,6 +26,8 @@ Multi-host: after `jax.distributed.initialize()` `jax.devices()` is the
 global device list, and each process builds the same global batch (it is a
 pure function of seed and step) and hands over only its own shards
 (`make_array_from_callback`), so no host ever ships data to another.
+Process 0 owns the run directory (lock, marker, logs); the others wait for
+it to be ready (`sync_processes`) and write only their checkpoint shards.
 See docs/scaling.md.
 """
 
@@ -35,6 +37,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -99,8 +102,38 @@ def place_batch(batch: dict, sharding: NamedSharding) -> dict:
     """Host arrays of the global batch -> global jax.Arrays split over the batch axes."""
     if jax.process_count() == 1:
         return jax.device_put(batch, sharding)
-    return {k: jax.make_array_from_callback(v.shape, sharding, lambda idx, v=v: v[idx]) for k, v in batch.items()}
+    return {k: from_host(v, sharding) for k, v in batch.items()}
 
 
 def place(tree: Any, shardings: Any) -> Any:
-    return jax.device_put(tree, shardings)
+    """`tree` (the same on every process) as global arrays with `shardings` (a tree of them, or one).
+
+    Multi-process: each process hands over only its own shards. Not `jax.device_put`, which there
+    first checks that every process passes the same value, and NaN != NaN (the spike detector's
+    history starts as NaN) fails that check.
+    """
+    if jax.process_count() == 1:
+        return jax.device_put(tree, shardings)
+    if isinstance(shardings, jax.sharding.Sharding):
+        return jax.tree.map(lambda x: from_host(x, shardings), tree)
+    return jax.tree.map(from_host, tree, shardings)
+
+
+def from_host(value: Any, sharding: jax.sharding.Sharding) -> jax.Array:
+    """A global array from a host value every process holds whole; each process builds its own shards."""
+    host = np.asarray(value)
+    return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+
+def is_primary_process() -> bool:
+    """True in a single-process run and in process 0 of a multi-process one (the run directory's owner).
+
+    Asks `jax.distributed` first, so a single-process caller never starts JAX's backend here.
+    """
+    return not jax.distributed.is_initialized() or jax.process_index() == 0
+
+
+def sync_processes(name: str) -> None:
+    """A barrier across all processes of a multi-process run (a tiny all-reduce); a no-op otherwise."""
+    if jax.distributed.is_initialized() and jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import math
 
+from sandbox.config import replace
 from sandbox.errors import UserError
+from sandbox.rundir import check_name
 
 
 def _print_summary(result) -> None:
@@ -34,22 +36,18 @@ def cmd_train(args) -> int:
     from sandbox.train.hooks import load_hook
     from sandbox.train.loop import EXIT_FAILURE, train
 
+    if args.name is not None:
+        check_name(args.name, "--name")  # before anything is read or built: --name is never a path
     cfg = load_config(args.config, args.set or [])
-    if args.name:
-        from sandbox.config import replace
-
+    if args.name is not None:
         cfg = replace(cfg, name=args.name)
-    if cfg.deterministic:
-        import os
-
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_gpu_deterministic_ops=true").strip()
     hooks = [load_hook(h) for h in args.hook or []]
     result = train(cfg, hooks, resume=args.resume, overwrite=args.overwrite)
     _print_summary(result)
     if result.status == "failed":
         where = f"; failure bundle: {result.bundle} (inspect with: sandbox replay {result.bundle})" \
             if result.bundle else ""
-        print(f"training stopped: non-finite values at step {result.summary['failed_step']}{where}")
+        print(f"training stopped at step {result.summary['failed_step']}: {result.summary['cause']}{where}")
         return EXIT_FAILURE
     return 0
 
@@ -74,9 +72,9 @@ def register(subparsers) -> None:
     p.add_argument("config", help="YAML run config (see configs/)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a config key, e.g. --set optimizer.lr=3e-4 (repeatable)")
-    p.add_argument("--name", help="run name (default: the config's name or file stem)")
+    p.add_argument("--name", help="run name, one path component (default: the config's name or file stem)")
     p.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory (only one the sandbox created)")
     p.add_argument("--hook", action="append", metavar="MODULE:NAME", help="add a trainer hook (repeatable)")
     p.set_defaults(func=cmd_train)
 

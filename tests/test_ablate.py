@@ -5,16 +5,20 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from sandbox import config as config_lib
+from sandbox import rundir
 from sandbox.ablate import runner
 from sandbox.ablate.report import load_experiment, summarize, welch, write_report
 from sandbox.ablate.spec import load_spec
 from sandbox.cli import main
 from sandbox.errors import UserError
+from sandbox.logger import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "experiments" / "smoke.yaml"
@@ -90,6 +94,7 @@ def test_cli_reports_bad_input_with_exit_2(tmp_path, capsys):
 def test_rerun_skips_finished_and_failed_and_resumes_the_rest(tmp_path, monkeypatch):
     spec = load_spec(SMOKE, tmp_path / "exp")
     exp = tmp_path / "exp"
+    rundir.open_dir(exp, "experiment").release()  # made by an earlier `sandbox ablate`
     (exp / "logs").mkdir(parents=True)
     prior = {"fp32_s0": ("finished", 0), "fp32_s1": ("failed", 3), "fp16_s0": ("interrupted", 0),
              "fp16_s1": (None, 1)}  # fp16_s1 crashed before writing a summary; the last cell never ran
@@ -109,11 +114,12 @@ def test_rerun_skips_finished_and_failed_and_resumes_the_rest(tmp_path, monkeypa
 
 def test_changed_spec_refuses_to_resume_a_cell(tmp_path, monkeypatch):
     spec = load_spec(SMOKE, tmp_path / "exp")
+    rundir.open_dir(tmp_path / "exp", "experiment").release()
     cell_dir = tmp_path / "exp" / "cells" / "fp32_s0"
     cell_dir.mkdir(parents=True)
     (cell_dir / "config.yaml").write_text("seed: 5\n")
     monkeypatch.setattr(runner, "run_cell", lambda cell, d: runner.Outcome(cell.name, "finished", 0, 0.0, {}))
-    with pytest.raises(UserError, match="different config; pass --overwrite"):
+    with pytest.raises(UserError, match=r"different config \(seed, .*\); pass --overwrite"):
         runner.run_experiment(spec, tmp_path / "exp")
     runner.run_experiment(spec, tmp_path / "exp", overwrite=True)
 
@@ -208,7 +214,8 @@ def test_report_writes_table_csv_and_plots(tmp_path, capsys):
     assert [r["variant"] for r in rows] == ["fp32", "bf16", "fp16", "fp16_noscale", "fp8"]
     assert float(rows[2]["val_ce"]) == pytest.approx(np.mean(VAL["fp16"]))
     names = sorted(p.name for p in (exp / "plots").iterdir())
-    assert names == ["final_bars.png", "fp8_scaling.png", "loss_scale.png", "val_loss.png"]
+    stems = ["final_values", "fp8_scaling", "loss_scale", "val_loss", "vs_baseline"]
+    assert names == sorted(f"{s}.{fmt}" for s in stems for fmt in ("png", "svg"))
     assert all((exp / "plots" / n).stat().st_size > 5000 for n in names)
 
 
@@ -253,8 +260,250 @@ def test_smoke_experiment_end_to_end(tmp_path, capsys):
 
     table = (exp / "table.md").read_text()
     assert table.count("\n| ") == 4 and "| fp16_naive_softmax | 1 failed |" in table
-    assert {p.name for p in (exp / "plots").iterdir()} >= {"val_loss.png", "loss_scale.png", "final_bars.png"}
+    assert {p.name for p in (exp / "plots").iterdir()} >= {"val_loss.png", "loss_scale.png", "final_values.png",
+                                                          "vs_baseline.svg"}
     assert len(list((exp / "tb").iterdir())) == 5  # one shared TensorBoard root, a subdirectory per cell
 
     assert main(["ablate", str(SMOKE), "--out", str(exp)]) == 0  # re-run: everything is kept
     assert "5 of 5 cells already done" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------- only its own folders (issue 14.2)
+
+
+def _canaries(folder: Path, names=("configs", "logs", "plots")) -> list[Path]:
+    out = []
+    for name in names:
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        out.append(folder / name / "canary.txt")
+        out[-1].write_text("precious")
+    return out
+
+
+def _stub_cells(monkeypatch):
+    ran = []
+    monkeypatch.setattr(runner, "run_cell", lambda cell, d: ran.append(cell.name) or
+                        runner.Outcome(cell.name, "finished", 0, 0.0, {}))
+    return ran
+
+
+def test_overwrite_of_a_folder_that_is_not_an_experiment_deletes_nothing(tmp_path, capsys, monkeypatch):
+    ran = _stub_cells(monkeypatch)
+    folder = tmp_path / "mine"
+    canaries = _canaries(folder)
+    assert main(["ablate", str(SMOKE), "--out", str(folder), "--overwrite"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and ".sandbox-run" in err[-1] and not ran
+    assert all(c.read_text() == "precious" for c in canaries)
+
+
+def test_spec_named_dotdot_is_refused_and_deletes_nothing(tmp_path, capsys, monkeypatch):
+    ran = _stub_cells(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    canaries = _canaries(tmp_path)
+    (tmp_path / "specs").mkdir()
+    spec = write_spec(tmp_path / "specs", 'name: ".."\naxes: {seed: [0]}\n')
+    assert main(["ablate", str(spec), "--overwrite"]) == 2
+    assert "name: expected a plain name" in capsys.readouterr().err and not ran
+    assert all(c.read_text() == "precious" for c in canaries)
+
+
+def test_without_overwrite_existing_report_files_of_a_foreign_folder_are_kept(tmp_path, capsys, monkeypatch):
+    ran = _stub_cells(monkeypatch)
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    for name in ("table.md", "spec.yaml", "summary.csv"):
+        (folder / name).write_text("precious")
+    assert main(["ablate", str(SMOKE), "--out", str(folder)]) == 2 and not ran
+    assert all((folder / n).read_text() == "precious" for n in ("table.md", "spec.yaml", "summary.csv"))
+    assert sorted(p.name for p in folder.iterdir()) == ["spec.yaml", "summary.csv", "table.md"]
+
+
+def test_rerun_from_the_experiments_own_spec_yaml(tmp_path, capsys, monkeypatch):
+    ran = _stub_cells(monkeypatch)
+    exp = tmp_path / "exp"
+    assert main(["ablate", str(SMOKE), "--out", str(exp)]) == 0
+    first = [c.config for c in load_spec(SMOKE, exp).cells]
+    assert [c.config for c in load_spec(exp / "spec.yaml", exp).cells] == first  # self-contained copy
+    assert main(["ablate", str(exp / "spec.yaml"), "--out", str(exp)]) == 0
+    assert main(["ablate", str(exp / "spec.yaml"), "--out", str(exp), "--overwrite"]) == 0
+    assert len(ran) == 15 and (exp / "spec.yaml").is_file() and (exp / ".sandbox-run").is_file()
+
+
+def test_overwrite_clears_a_marked_experiment_but_nothing_outside_it(tmp_path, capsys, monkeypatch):
+    _stub_cells(monkeypatch)
+    exp = tmp_path / "exp"
+    assert main(["ablate", str(SMOKE), "--out", str(exp)]) == 0
+    outside = _canaries(tmp_path / "outside", ("keep",))[0]
+    (exp / "logs" / "link").symlink_to(outside.parent)
+    (exp / "stray.txt").write_text("ours to delete")
+    assert main(["ablate", str(SMOKE), "--out", str(exp), "--overwrite"]) == 0
+    assert not (exp / "stray.txt").exists() and outside.read_text() == "precious"
+
+
+def test_report_replaces_a_planted_table_link_and_leaves_its_target(tmp_path, capsys):
+    exp = fake_experiment(tmp_path)
+    target = tmp_path / "precious.md"
+    target.write_text("precious")
+    (exp / "table.md").symlink_to(target)
+    (exp / "summary.csv").symlink_to(target)
+    assert main(["report", str(exp)]) == 0
+    assert target.read_text() == "precious"
+    assert not (exp / "table.md").is_symlink() and "| fp16 |" in (exp / "table.md").read_text()
+
+
+def test_report_refuses_a_plots_link(tmp_path, capsys):
+    exp = fake_experiment(tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (exp / "plots").symlink_to(elsewhere)
+    assert main(["report", str(exp)]) == 2
+    assert "symbolic link" in capsys.readouterr().err and not list(elsewhere.iterdir())
+
+
+def test_a_locked_experiment_is_refused_naming_the_holder(tmp_path, capsys, monkeypatch):
+    import os
+
+    from sandbox import rundir
+
+    ran = _stub_cells(monkeypatch)
+    exp = tmp_path / "exp"
+    lock = rundir.open_dir(exp, "experiment")
+    try:
+        assert main(["ablate", str(SMOKE), "--out", str(exp)]) == 2
+    finally:
+        lock.release()
+    err = capsys.readouterr().err
+    assert f"in use by another sandbox process (pid {os.getpid()}" in err and not ran
+
+
+# ----------------------------------------------------------------- TensorBoard hparams (issue 15.2)
+
+
+def _hparams_sessions(tb_dir: Path) -> dict:
+    """run -> (hparams, {metric tag: value}), read back with TensorBoard's own event reader and hparams plugin."""
+    from tensorboard.backend.event_processing import plugin_event_multiplexer as pem
+    from tensorboard.plugins.hparams import metadata
+
+    mux = pem.EventMultiplexer()
+    mux.AddRunsFromDirectory(str(tb_dir))
+    mux.Reload()
+    out = {}
+    for run, tags in mux.PluginRunToTagToContent(metadata.PLUGIN_NAME).items():
+        if metadata.SESSION_START_INFO_TAG not in tags:
+            continue
+        start = metadata.parse_session_start_info_plugin_data(tags[metadata.SESSION_START_INFO_TAG])
+        hparams = {k: v.WhichOneof("kind") and getattr(v, v.WhichOneof("kind")) for k, v in start.hparams.items()}
+        acc = mux.GetAccumulator(run)
+        metrics = {tag: float(acc.Tensors(tag)[-1].tensor_proto.float_val[0])
+                   for tag in acc.Tags()["tensors"] if tag.startswith("hparams/")}
+        experiment = metadata.parse_experiment_plugin_data(tags[metadata.EXPERIMENT_TAG])
+        out[run] = (hparams, metrics, {m.name.tag for m in experiment.metric_infos})
+    return out
+
+
+def test_report_writes_hparams_that_tensorboard_reads(tmp_path, capsys):
+    exp = fake_experiment(tmp_path)
+    (exp / "configs").mkdir()
+    (exp / "configs" / "fp32_s0.yaml").write_text("precision: {policy: fp32}\nseed: 0\noptimizer: {lr: 0.001}\n")
+    assert main(["report", str(exp)]) == 0
+    assert main(["report", str(exp)]) == 0  # a second report replaces the sessions, it does not add any
+    sessions = _hparams_sessions(exp / "tb")
+    # every cell that ran is a session; fp8_s0 crashed (still a session, without metrics)
+    assert sorted(sessions) == sorted(f"{c}/hparams" for c in
+                                      [f"{p}_s{s}" for p in VAL for s in range(3)] + ["noscale_s0", "fp8_s0", "fp8_s1"])
+    hp, metrics, declared = sessions["fp16_s2/hparams"]
+    assert hp == {"precision.policy": "fp16", "seed": 2.0, "variant": "fp16"}
+    assert declared == {"hparams/val_ce", "hparams/train_ce", "hparams/skipped_steps", "hparams/tokens_per_s"}
+    summary = json.loads((exp / "cells" / "fp16_s2" / "summary.json").read_text())
+    assert metrics["hparams/val_ce"] == pytest.approx(summary["val_ce"])
+    assert metrics["hparams/train_ce"] == pytest.approx(summary["train_ce"])
+    assert metrics["hparams/skipped_steps"] == summary["overflow_skips"] + summary["nonfinite_skips"] == 1
+    assert metrics["hparams/tokens_per_s"] == pytest.approx(1002.0)
+    assert sessions["noscale_s0/hparams"][1] == {}  # failed: no final values, no invented ones
+    assert [p.name for p in (exp / "tb" / "fp32_s0" / "hparams").iterdir()] == ["events.out.tfevents.0.sandbox-hparams"]
+
+
+# ----------------------------------------------------------------- --set and per-cell progress (issue 15.11)
+
+
+def test_set_overrides_every_cell_and_the_saved_spec(tmp_path, capsys, monkeypatch):
+    spec = load_spec(SMOKE, tmp_path / "exp", ["training.steps=3", "optimizer.lr=1e-3"])
+    assert {(c.config.training.steps, c.config.optimizer.lr) for c in spec.cells} == {(3, 1e-3)}
+    assert spec.resolved["config"]["training"]["steps"] == 3  # spec.yaml re-runs it without --set
+    assert load_spec(SMOKE, tmp_path / "exp").cells[0].config.training.steps == 30
+
+    ran = _stub_cells(monkeypatch)
+    exp = tmp_path / "cli"
+    assert main(["ablate", str(SMOKE), "--out", str(exp), "--set", "training.steps=3"]) == 0 and len(ran) == 5
+    for cell in ran:  # what each cell's process is given to run
+        assert config_lib.load_config(exp / "configs" / f"{cell}.yaml").training.steps == 3
+    assert [c.config.training.steps for c in load_spec(exp / "spec.yaml", exp).cells] == [3] * 5
+    # Changing the override later is a changed config: refused, not silently resumed.
+    (exp / "cells" / "fp32_s0").mkdir(parents=True)
+    rundir.atomic_write(exp / "cells" / "fp32_s0" / "config.yaml", (exp / "configs" / "fp32_s0.yaml").read_text())
+    assert main(["ablate", str(SMOKE), "--out", str(exp), "--set", "training.steps=4"]) == 2
+    assert "different config (training.steps)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("sets, message", [
+    (["precision.policy=bf16"], "varies precision.policy across its cells"),
+    (["precision=x"], "varies precision.naive_softmax across its cells"),  # a section holding a varied key
+    (["seed=4"], "varies seed across its cells"),
+    (["name=other"], "name is set per cell by sandbox ablate"),
+    (["training.stesp=3"], "unknown config key 'training.stesp'"),
+    (["training.steps=0"], "training.steps: expected >= 1, got 0"),
+    (["training.steps"], "expected KEY.PATH=VALUE"),
+])
+def test_bad_set_is_one_line_exit_2(tmp_path, capsys, monkeypatch, sets, message):
+    ran = _stub_cells(monkeypatch)
+    argv = ["ablate", str(SMOKE), "--out", str(tmp_path / "exp")]
+    for s in sets:
+        argv += ["--set", s]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert not ran and not (tmp_path / "exp").exists()
+
+
+def test_progress_lines_show_each_running_cells_step(tmp_path, capsys):
+    spec = load_spec(SMOKE, tmp_path / "exp")
+    a, b = spec.cells[:2]
+    logs = tmp_path / "exp" / "logs"
+    logs.mkdir(parents=True)
+    progress = runner._Progress(total=5, done=0, line_every_s=0.0)
+    progress.start(a)
+    progress.start(b)
+    rundir.atomic_write(runner.progress_path(tmp_path / "exp", a.name), json.dumps({"step": 20, "total": 30}))
+    steps = {c.name: runner.read_progress(tmp_path / "exp", c.name) for c in (a, b)}
+    assert steps == {a.name: 20, b.name: None}
+    progress.update(steps, {a.name: 12.0, b.name: 3.0}, {a.name: 30, b.name: 30})
+    progress.update(steps, {a.name: 13.0, b.name: 4.0}, {a.name: 30, b.name: 30})  # nothing moved: no new line
+    progress.finish(runner.Outcome(a.name, "finished", 0, 41.0, {"steps": 30, "val_ce": 2.5}))
+    progress.close()
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["[start] fp32_s0 (30 steps)", "[start] fp32_s1 (30 steps)",
+                   "running: fp32_s0 step 20/30 (12s), fp32_s1 step -/30 (3s)",
+                   "[1/5] fp32_s0: finished at step 30 in 41s, val_ce 2.5000"]
+
+
+@pytest.mark.slow  # two real cells, each its own process and compile: ~1 minute on a loaded 2-core CPU
+def test_set_steps_runs_three_steps_per_cell_and_progress_names_them(tmp_path, capsys):
+    # Two real cells (own processes, own compiles): the smoke model, three steps each.
+    path = write_spec(tmp_path, "config:\n"
+                      "  model: {context: 16, n_layer: 1, n_head: 2, d_model: 16}\n"
+                      "  data: {source: synthetic, synthetic: {alphabet: 8, order: 1, seed: 7}, prefetch: 0}\n"
+                      "  training: {steps: 30, batch_size: 4, eval_every: 0, eval_batches: 1, log_every: 1}\n"
+                      "  checkpoint: {every: 0}\n"
+                      "axes: {precision.policy: [fp32, bf16]}\n")
+    exp = tmp_path / "exp"
+    assert main(["ablate", str(path), "--out", str(exp), "--set", "training.steps=3", "--jobs", "2"]) == 0
+    err = capsys.readouterr().err
+    for cell in ("fp32_s0", "bf16_s0"):
+        rows = [r for r in read_metrics(exp / "cells" / cell) if r.get("split") == "train"]
+        assert [r["step"] for r in rows] == [1, 2, 3]
+        assert json.loads((exp / "cells" / cell / "summary.json").read_text())["steps"] == 3
+        assert f"[start] {cell} (3 steps)" in err
+        assert re.search(rf"\[\d/2\] {cell}: finished at step 3 in \d+s", err), err
+        assert json.loads((exp / "logs" / f"{cell}.progress.json").read_text())["step"] == 3
+    assert "--set training.steps=3" in (exp / "spec.yaml").read_text().splitlines()[0]

@@ -20,11 +20,12 @@ from sandbox.train import loop
 
 @pytest.mark.parametrize("policy", ["fp32", "fp16"])
 def test_no_host_sync_between_intervals_and_one_compile(tiny, monkeypatch, policy):
-    # fp16 with a scale that overflows: the overflow events are processed from metrics too.
+    # fp16 with a scale that overflows the first few steps (2**20 / 2**k until the grads fit, then
+    # updates): the overflow events are processed from metrics too.
     sets = ["training.steps=12", "training.log_every=4", "training.eval_every=8", "checkpoint.every=8",
             f"precision.policy={policy}", "logging.progress=false"]
     if policy == "fp16":
-        sets += ["precision.loss_scale.init_scale=1e12", "precision.loss_scale.max_scale=1e12"]
+        sets += ["precision.loss_scale.init_scale=1048576", "precision.loss_scale.max_scale=1048576"]
     trainer = loop.Trainer(tiny(sets=sets), quiet=True)
 
     metric_pulls = []
@@ -47,7 +48,7 @@ def test_no_host_sync_between_intervals_and_one_compile(tiny, monkeypatch, polic
     rows = [r for r in read_metrics(result.run_dir) if r["split"] == "train"]
     assert [r["step"] for r in rows] == list(range(1, 13))  # every step's metrics still logged
     if policy == "fp16":
-        assert result.summary["overflow_skips"] >= 1
+        assert 1 <= result.summary["overflow_skips"] < 12
 
 
 def test_step_donates_the_state(tiny):

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from sandbox.cli import main
+from sandbox.errors import UserError
 from sandbox.teaching import floats
 from sandbox.teaching.formats import DEFAULT_FORMATS, FORMATS, get_format, parse_formats
 
@@ -96,7 +97,7 @@ def test_format_properties_match_their_definitions():
 
 def test_parse_formats_and_errors():
     assert [f.name for f in parse_formats("fp32, BF16")] == ["fp32", "bf16"]
-    with pytest.raises(Exception, match="fp7"):
+    with pytest.raises(UserError, match="unknown format 'fp7'"):
         parse_formats("fp32,fp7")
 
 

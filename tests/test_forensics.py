@@ -112,6 +112,15 @@ def test_replay_cli_text_and_json(bundle_dir, capsys, monkeypatch):
     assert main(["replay", str(bundle_dir)]) == 0
     text = capsys.readouterr().out
     assert "exp_overflow" in text and "policy.py" in text
+    # One step numbering (1-based) in replay's text and JSON, summary.json and metrics.jsonl.
+    run_dir = bundle_dir.parent
+    summary = json.loads((run_dir / "summary.json").read_text())
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    flagged = [r["step"] for r in rows if r["split"] == "train" and r.get("nonfinite")]
+    assert out["failed_step"] == summary["failed_step"] == flagged[0] == 1
+    assert text.startswith(f"bundle {bundle_dir}: step 1 ") and "0-based" not in text
+    # The naive-softmax ablation's remedy is to turn it off, named by its config key.
+    assert out["remedies"][0]["key"] == "precision.naive_softmax" and out["remedies"][0]["value"] is False
 
 
 def test_planted_pickle_is_refused(bundle_dir, tmp_path, capsys):
@@ -158,6 +167,6 @@ def test_bundle_from_four_devices_replays_on_one(bundle_dir, tmp_path):
     assert jax.device_count() == 1
     one = replay(load_bundle(bundle_dir))
     four = replay(bundle)
-    assert four.reproduced and four.failed_step == one.failed_step == 0
+    assert four.reproduced and four.failed_step == one.failed_step == 1  # 1-based, as summary.json
     assert (four.cause, four.origin.primitive, four.origin.name_stack, four.origin.phase) == \
         (one.cause, one.origin.primitive, one.origin.name_stack, one.origin.phase)

@@ -15,6 +15,7 @@ import numpy as np
 import optax
 import pytest
 from flax.linen import fp8_ops as F
+from jax import lax
 from jax.extend.core import jaxprs_in_params
 
 from sandbox.errors import UserError
@@ -159,9 +160,22 @@ def _vjp_name(eqn):
     return eqn.params["call_jaxpr"].jaxpr.debug_info.func_src_info.split()[0]
 
 
+def _skip_noop_converts(var, producers):
+    """`a` for `var` = convert(convert(a: T -> wider) -> T): XLA's simplifier removes such pairs."""
+    outer = producers.get(var)
+    if outer is None or outer.primitive.name != "convert_element_type":
+        return var
+    inner = producers.get(outer.invars[0])
+    if inner is None or inner.primitive.name != "convert_element_type":
+        return var
+    source = inner.invars[0]
+    widened = jnp.finfo(inner.outvars[0].aval.dtype).bits > jnp.finfo(source.aval.dtype).bits
+    return source if widened and source.aval.dtype == var.aval.dtype else var
+
+
 def _dequantized_fp8_dtype(var, producers):
     """The fp8 dtype if `var` = convert(fp8 -> wide) * scalar, else None."""
-    mul = producers.get(var)
+    mul = producers.get(_skip_noop_converts(var, producers))
     if mul is None or mul.primitive.name != "mul" or mul.invars[1].aval.shape != ():
         return None
     widen = producers.get(mul.invars[0])
@@ -198,6 +212,42 @@ def test_jaxpr_has_fp8_gemm_pattern():
     e5m2_grad = (jnp.dtype(E5M2), jnp.dtype(E4M3))
     assert e5m2_grad in operand_formats  # d/dx and d/dw GEMMs read the e5m2 gradient
     assert all(None not in formats for formats in operand_formats)
+
+
+def test_fp32_output_dot_rounds_once_and_quantizes_the_same_operands():
+    # The fp8 head returns fp32 logits (preferred_element_type): the forward must be the
+    # fp32 accumulation of the same e4m3 operands, never rounded to bf16; the backward must
+    # quantize the same e5m2 gradient, in bf16, as a bf16-output dot (whose bits Flax checks).
+    x = _normal(8, 32, std=4.0).astype(jnp.bfloat16)
+    w = _normal(32, 16, std=0.3).astype(jnp.bfloat16)
+    cot = _normal(8, 16, std=0.05)
+    meta = _meta(input=7.0, kernel=0.875, output_grad=57344.0 / 2**20)  # scales 64, 512, 2**20
+
+    def wide(m, x, w):
+        return Fp8DotGeneral().apply({FP8_META: m}, x, w, DIMS, preferred_element_type=jnp.float32)
+
+    y = jax.jit(wide)(meta, x, w)
+    y_ref = lax.dot_general(F.qdq(x, E4M3, jnp.float32(1 / 64), jnp.bfloat16),
+                            F.qdq(w, E4M3, jnp.float32(1 / 512), jnp.bfloat16), DIMS,
+                            preferred_element_type=jnp.float32)
+    assert y.dtype == jnp.float32
+    np.testing.assert_array_equal(y, y_ref)
+    assert not np.array_equal(y, y.astype(jnp.bfloat16).astype(jnp.float32))  # not rounded to bf16
+
+    def loss(dot, x, w, m):
+        return jnp.sum(dot(m, x, w).astype(jnp.float32) * cot)
+
+    grads = jax.jit(jax.grad(partial(loss, wide), argnums=(0, 1, 2)))(x, w, meta)
+    narrow = jax.jit(jax.grad(partial(loss, _dot), argnums=(0, 1, 2)))(x, w, meta)
+    chex.assert_trees_all_equal(grads, narrow, strict=True)
+    # The amax of the gradient as quantized: bf16(cot), not the fp32 cotangent.
+    assert float(grads[2]["output_grad_amax_history"][0]) == float(np.max(np.abs(cot.astype(jnp.bfloat16))))
+
+    jaxpr = jax.make_jaxpr(jax.grad(partial(loss, wide), argnums=(0, 1)))(x, w, meta).jaxpr
+    producers = {v: e for e in jaxpr.eqns for v in e.outvars}
+    dots = [e for e in jaxpr.eqns if e.primitive.name == "dot_general"]
+    formats = {tuple(_dequantized_fp8_dtype(v, producers) for v in e.invars) for e in dots}
+    assert (jnp.dtype(E5M2), jnp.dtype(E4M3)) in formats and all(None not in f for f in formats)
 
 
 @jax.jit

@@ -4,8 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from scipy import special
 
 from sandbox import infotheory as it
+from sandbox.sample import filter_logprobs
 
 
 def np_kl(p, q):
@@ -65,6 +67,7 @@ def test_perplexity_and_unit_conversions():
     assert float(it.perplexity(2.3)) == pytest.approx(9.974, abs=1e-3)
     assert it.NATS_PER_BIT == pytest.approx(np.log(2))
     assert it.nats_to_bits(np.log(2)) == pytest.approx(1.0)
+    assert it.bits_to_nats(1.0) == pytest.approx(np.log(2))  # not only the inverse of nats_to_bits
     assert it.bits_to_nats(it.nats_to_bits(1.7)) == pytest.approx(1.7)
 
 
@@ -101,6 +104,9 @@ def test_js_symmetric_and_bounded():
         a, b = np.log(random_dist(rng, 5)), np.log(random_dist(rng, 5))
         js_ab, js_ba = float(it.js_divergence(a, b)), float(it.js_divergence(b, a))
         assert js_ab == pytest.approx(js_ba, abs=1e-6)
+        p, q = np.exp(a), np.exp(b)
+        m = (p + q) / 2
+        assert js_ab == pytest.approx(0.5 * (np_kl(p, m) + np_kl(q, m)), abs=1e-6)  # the value, too
         assert 0 <= js_ab <= np.log(2) + 1e-6
     # Disjoint supports reach the bound exactly.
     disjoint = float(it.js_divergence(jnp.log(jnp.array([1.0, 0.0])), jnp.log(jnp.array([0.0, 1.0]))))
@@ -130,3 +136,77 @@ def test_cross_entropy_dist_is_entropy_plus_kl():
 def test_entropy_handles_masked_logits():
     h = float(it.entropy(jnp.array([0.0, 0.0, -jnp.inf])))
     assert h == pytest.approx(np.log(2), abs=1e-6)
+
+
+# ------------------------------------------------- precision at large logits (float64 references)
+
+MAGNITUDES = [1e0, 1e1, 1e2, 1e3, 1e4]
+ROWS, VOCAB = 32, 64
+
+
+def near_tie_logits(magnitude, seed=0):
+    """fp32 logits within +-1 of +-magnitude: every class plausible."""
+    rng = np.random.default_rng(seed)
+    sign = np.where(np.arange(ROWS) % 2, -1.0, 1.0)[:, None]
+    return (sign * magnitude + rng.uniform(-1, 1, (ROWS, VOCAB))).astype(np.float32)
+
+
+def peaked_logits(magnitude, seed=1):
+    """fp32 logits at +-magnitude with one winner 1..7 nats above the rest."""
+    rng = np.random.default_rng(seed)
+    offsets = -rng.uniform(1, 7, (ROWS, VOCAB))
+    offsets[np.arange(ROWS), rng.integers(0, VOCAB, ROWS)] = 0.0
+    sign = np.where(np.arange(ROWS) % 2, -1.0, 1.0)[:, None]
+    return (sign * magnitude + offsets).astype(np.float32)
+
+
+def log_softmax64(x):
+    """float64 log-softmax of the fp32 logits as given: only the computation's rounding is measured."""
+    return special.log_softmax(np.asarray(x, np.float64), axis=-1)
+
+
+def kl64(logp_logits, logq_logits):
+    lp, lq = log_softmax64(logp_logits), log_softmax64(logq_logits)
+    return np.sum(np.exp(lp) * (lp - lq), axis=-1)
+
+
+def max_error(got, reference):
+    return float(np.max(np.abs(np.asarray(got, np.float64) - reference)))
+
+
+@pytest.mark.parametrize("magnitude", MAGNITUDES)
+@pytest.mark.parametrize("make", [near_tie_logits, peaked_logits])
+def test_log_softmax_within_1e_6_of_float64_at_large_logits(magnitude, make):
+    # x - logsumexp(x) rounds the log-sum-exp at the magnitude of the largest logit:
+    # 3e-5 at 1e3 and 5e-4 at 1e4. Shifting by the max first keeps it at the result's own ulp.
+    x = make(magnitude)
+    assert max_error(it.log_softmax(x), log_softmax64(x)) <= 1e-6
+    nll = -log_softmax64(x)[:, 3]
+    assert max_error(it.cross_entropy(x, np.full(ROWS, 3)), nll) <= 1e-6
+    entropy = -np.sum(np.exp(log_softmax64(x)) * log_softmax64(x), axis=-1)
+    assert max_error(it.entropy(x), entropy) <= 1e-6 * np.max(np.maximum(1.0, entropy))
+
+
+@pytest.mark.parametrize("magnitude", MAGNITUDES)
+def test_kl_within_1e_6_of_float64_at_large_logits(magnitude):
+    near, other = near_tie_logits(magnitude, seed=0), near_tie_logits(magnitude, seed=2)
+    assert max_error(it.kl_divergence(near, other), kl64(near, other)) <= 1e-6
+    # Peaked against near-tie: a few nats, so 1e-6 relative (fp32 summation of the terms).
+    peaked = peaked_logits(magnitude)
+    for p, q in ((peaked, near), (near, peaked)):
+        reference = kl64(p, q)
+        assert max_error(it.kl_divergence(p, q), reference) <= 1e-6 * np.max(np.maximum(1.0, reference))
+
+
+@pytest.mark.parametrize("magnitude", MAGNITUDES)
+def test_sampling_logprobs_within_1e_6_of_float64_at_large_logits(magnitude):
+    x = near_tie_logits(magnitude)[:4]
+    for row in x:
+        got = filter_logprobs(jnp.asarray(row), temperature=1.0, top_k=0, top_p=1.0)
+        assert max_error(got, log_softmax64(row)) <= 1e-6
+        kept = np.argsort(-row.astype(np.float64))[:5]  # top-5, renormalised, in float64
+        reference = np.full(row.shape, -np.inf)
+        reference[kept] = log_softmax64(row[kept])
+        got = np.asarray(filter_logprobs(jnp.asarray(row), temperature=1.0, top_k=5, top_p=1.0), np.float64)
+        assert np.array_equal(np.isinf(got), np.isinf(reference))
+        assert max_error(got[kept], reference[kept]) <= 1e-6

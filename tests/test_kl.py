@@ -12,13 +12,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import tiny_config
+from scipy import special
 
 from sandbox import infotheory
 from sandbox.cli import main
 from sandbox.errors import UserError
 from sandbox.logger import read_metrics
 from sandbox.objectives import kl_objective, lm_objective
-from sandbox.reference import KLTerm, resolve
+from sandbox.reference import KLTerm, precision_drift, resolve
 from sandbox.train.loop import Trainer, initial_state, train
 
 
@@ -47,6 +48,27 @@ def test_objective_parts_zero_kl_and_gradient():
     g_ce = jax.grad(lambda x: lm_objective(x, targets)[0])(lg)
     g_kl = jax.grad(lambda x: jnp.mean(infotheory.kl_divergence(x, ref)))(lg)
     np.testing.assert_allclose(g, g_ce + 2.0 * g_kl, atol=1e-6)
+
+
+@pytest.mark.parametrize("magnitude", [1e2, 1e3, 1e4])
+def test_objective_and_drift_match_float64_at_large_logits(magnitude):
+    # Near-tie logits far from 0: every log-probability must be formed max-shifted
+    # (x - logsumexp(x) alone is off by 3e-5 nats at 1e3, 5e-4 at 1e4).
+    rng = np.random.default_rng(0)
+    lg = (magnitude + rng.uniform(-1, 1, (2, 5, 11))).astype(np.float32)
+    ref = (magnitude + rng.uniform(-1, 1, (2, 5, 11))).astype(np.float32)
+    targets = rng.integers(0, 11, (2, 5))
+    lp = special.log_softmax(lg.astype(np.float64), axis=-1)
+    lq = special.log_softmax(ref.astype(np.float64), axis=-1)
+    ce = -np.mean(np.take_along_axis(lp, targets[..., None], -1))
+    reverse = np.mean(np.sum(np.exp(lp) * (lp - lq), -1))
+    forward = np.mean(np.sum(np.exp(lq) * (lq - lp), -1))
+    loss, parts = kl_objective(jnp.asarray(lg), targets, jnp.asarray(ref), beta=2.0)
+    assert float(parts["ce"]) == pytest.approx(ce, abs=1e-6)
+    assert float(parts["kl_to_reference_reverse"]) == pytest.approx(reverse, abs=1e-6)
+    assert float(parts["kl_to_reference_forward"]) == pytest.approx(forward, abs=1e-6)
+    assert float(loss) == pytest.approx(ce + 2.0 * reverse, abs=4e-6)
+    assert float(precision_drift(jnp.asarray(lg), jnp.asarray(ref))) == pytest.approx(reverse, abs=1e-6)
 
 
 def test_beta_schedule_and_reference_paths(tmp_path):

@@ -7,6 +7,7 @@ if the effect a lesson teaches stops showing up.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from sandbox.cli import main
@@ -45,6 +46,19 @@ def test_fp8_lesson_measures_history_length(tmp_path):
     assert list(sim["saturated_frac"] > 0).index(True) == 2 and (sim["saturated_frac"] > 0).sum() == 1
     lowered = [t for t in range(3, 12) if sim["scale"][t] < sim["scale"][2] / 2]
     assert lowered == [3, 4, 5, 6]
+
+
+def test_kl_lesson_densities_are_normalised_in_log_space():
+    from sandbox.teaching.lessons.kl_direction import GRID, MODE_STD, MODES, density, target
+
+    # A fitted mean 40 std off the grid: every unshifted exp underflows to 0 (0/0 = NaN).
+    q = density(21.0, 0.3)
+    assert np.all(np.isfinite(q)) and q.sum() == pytest.approx(1.0) and q.argmax() == len(GRID) - 1
+    log_ratio = -0.5 * ((GRID[-1] - 21.0) / 0.3) ** 2 + 0.5 * ((GRID[-2] - 21.0) / 0.3) ** 2
+    assert q[-2] / q[-1] == pytest.approx(np.exp(-log_ratio), rel=1e-9)
+    p = target()
+    mixture = sum(np.exp(-0.5 * ((GRID - m) / MODE_STD) ** 2) for m in MODES)  # fine here: modes on the grid
+    np.testing.assert_allclose(p, mixture / mixture.sum(), rtol=1e-9, atol=1e-300)
 
 
 def test_cli_list_and_errors(capsys):

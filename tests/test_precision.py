@@ -1,16 +1,20 @@
 """The precision engine through the real train step: policies, loss scaling, telemetry, fp8 meta."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from scipy import special
 
 from sandbox.config import PrecisionConfig
 from sandbox.errors import UserError
 from sandbox.logger import read_metrics
+from sandbox.model import GPT
 from sandbox.precision.fp8 import FP8_META
 from sandbox.precision.policy import PRESETS, make_policy, parse_policy_string
 from sandbox.train.loop import build, initial_state, train
+from sandbox.train.step import forward
 
 
 def test_presets_and_jmp_strings():
@@ -30,11 +34,45 @@ def test_presets_and_jmp_strings():
         parse_policy_string("fp12")
 
 
-def test_casts_select_params_only_and_keep_ints():
+def test_casts_select_params_only_and_keep_ints(tiny):
     policy = PRESETS["bf16"]
     tree = {"w": jnp.ones((2, 2)), "ids": jnp.arange(3)}
     cast = policy.cast_to_compute(tree)
     assert cast["w"].dtype == jnp.bfloat16 and cast["ids"].dtype == jnp.int32
+    # What the model sees in the real forward: the "params" collection in the compute dtype,
+    # the fp8 amax histories and scales still fp32 (a blanket cast of every floating leaf
+    # would round them to bf16), and the fp32 master weights themselves untouched.
+    run = build(tiny(sets=["precision.policy=fp8"]))
+    inputs = run.pipeline.train_batch(0).inputs
+    variables = jax.jit(run.ctx.model.init)(jax.random.key(0), inputs)
+    params, fp8_meta = variables["params"], variables[FP8_META]
+    seen = {}
+
+    def spy(next_fun, args, kwargs, context):
+        if isinstance(context.module, GPT) and context.method_name == "__call__":
+            seen.update(jax.tree.map(lambda x: x.dtype, dict(context.module.variables)))
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(spy):  # seen while tracing: one compile, not one per op
+        jax.jit(lambda p, m, x: forward(run.ctx, p, m, x))(params, fp8_meta, inputs)
+    assert set(seen) == {"params", FP8_META}
+    assert set(jax.tree.leaves(seen["params"])) == {jnp.dtype(jnp.bfloat16)}
+    assert set(jax.tree.leaves(seen[FP8_META])) == {jnp.dtype(jnp.float32)}
+    assert jax.tree.structure(seen[FP8_META]) == jax.tree.structure(jax.tree.map(lambda x: x.dtype, fp8_meta))
+    assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}
+
+
+@pytest.mark.parametrize("magnitude", [1e0, 1e1, 1e2, 1e3, 1e4])
+def test_attention_softmax_within_1e_6_of_float64_at_large_scores(magnitude):
+    # exp(s - logsumexp(s)) rounds logsumexp(s) at the magnitude of the scores first
+    # (5e-4 relative at 1e4); the max-shifted form does not.
+    rng = np.random.default_rng(0)
+    scores = (magnitude + rng.uniform(-1, 1, (2, 3, 8, 8))).astype(np.float32)
+    causal = np.tril(np.ones((8, 8), bool))
+    probs = np.asarray(PRESETS["fp32"].attention_softmax(jnp.asarray(scores), causal), np.float64)
+    reference = special.softmax(np.where(causal, scores.astype(np.float64), -np.inf), axis=-1)
+    assert np.max(np.abs(probs - reference)) <= 1e-6
+    assert np.all(probs[..., ~causal] == 0)
 
 
 def _final(run_dir, key="loss", n=3):

@@ -10,9 +10,13 @@ any run directory exists. Data-file failures run the real data pipeline.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import subprocess
+import sys
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
@@ -247,7 +251,7 @@ def test_unwritable_run_root_fails_before_training(tmp_path, capsys):
         cfg.write_text(yaml.safe_dump(BASE))
         code = main(["train", str(cfg), "--set", f"run_root={ro}"])
         err = capsys.readouterr().err
-        assert code == 2 and err.count("\n") == 1 and "cannot write the run directory" in err, err
+        assert code == 2 and err.count("\n") == 1 and "cannot" in err and "the run directory" in err, err
     finally:
         (tmp_path / "ro").chmod(0o700)
 
@@ -259,7 +263,7 @@ def test_run_root_that_is_a_file_is_refused(tmp_path, capsys):
     cfg.write_text(yaml.safe_dump(BASE))
     code = main(["train", str(cfg), "--set", f"run_root={blocker}"])
     err = capsys.readouterr().err
-    assert code == 2 and err.count("\n") == 1 and "cannot write the run directory" in err, err
+    assert code == 2 and err.count("\n") == 1 and "cannot" in err and "the run directory" in err, err
     assert blocker.read_text() == "not a directory"
 
 
@@ -275,3 +279,103 @@ def test_sample_refuses_bad_run_directories(tmp_path, capsys):
         code = main(["sample", str(tmp_path / name)])
         err = capsys.readouterr().err
         assert code == 2 and err.count("\n") == 1 and expected in err, (name, err)
+
+
+# ----------------------------------------------------------------- issue 14.10: a path is a path
+
+
+CORPUS = ("the quick brown fox jumps over the lazy dog. " * 20).encode()
+
+
+def _tokens(pipe):
+    return np.concatenate([pipe.train_tokens, pipe.val_tokens]) if pipe.val_tokens is not pipe.train_tokens \
+        else np.asarray(pipe.train_tokens)
+
+
+def test_bracketed_path_reads_exactly_that_file_not_a_glob_match(tmp_path):
+    (tmp_path / "corpus1.txt").write_bytes(b"WRONG FILE " * 200)
+    exact = tmp_path / "corpus[1].txt"
+    exact.write_bytes(CORPUS)
+    pipe = make_pipeline(_text_cfg(tmp_path, [exact]))
+    assert bytes(_tokens(pipe).astype(np.uint8)) == CORPUS
+
+
+def test_bracketed_path_without_the_file_is_not_found_even_if_the_glob_matches(tmp_path):
+    (tmp_path / "corpus1.txt").write_bytes(CORPUS)
+    assert "file not found" in _pipeline_error(tmp_path, [tmp_path / "corpus[1].txt"])
+
+
+@pytest.mark.parametrize("name", ["a::b.txt", "s3:x.txt", "*.txt", "x?.txt", os.fsdecode(b"caf\xe9.txt")])
+def test_odd_file_names_are_read_as_plain_files(tmp_path, name):
+    f = tmp_path / name
+    f.write_bytes(CORPUS)
+    pipe = make_pipeline(_text_cfg(tmp_path, [f]))
+    assert bytes(_tokens(pipe).astype(np.uint8)) == CORPUS
+
+
+def test_odd_file_names_train_or_refuse_through_the_cli(tmp_path):
+    name = os.fsencode(tmp_path) + b"/caf\xe9::[1].txt"
+    open(name, "wb").write(CORPUS)
+    cfg = tmp_path / "c.yaml"
+    raw = config_lib.deep_merge(BASE, {"data": {"source": "text", "paths": [str(tmp_path / "nope[1].txt")],
+                                                "cache_dir": str(tmp_path / "cache")}})
+    cfg.write_text(yaml.safe_dump(raw))
+    out = subprocess.run([sys.executable, "-m", "sandbox", "train", str(cfg), "--set", f"run_root={tmp_path / 'r'}"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "nope[1].txt: file not found" in out.stderr, \
+        out.stderr[-2000:]
+    assert not (tmp_path / "r").exists()
+
+
+# ----------------------------------------------------------------- issue 14.13: the token cache is input too
+
+
+def _cache_file(tmp_path):
+    (npy,) = (tmp_path / "cache").glob("tokens-*.npy")
+    return npy
+
+
+def _cached_pipeline(tmp_path):
+    f = tmp_path / "corpus.txt"
+    if not f.exists():
+        f.write_bytes(CORPUS)
+    return make_pipeline(_text_cfg(tmp_path, [f]))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "out_of_vocab", "pickle", "garbage", "missing_sum"])
+def test_damaged_token_cache_is_detected_and_rebuilt(tmp_path, capsys, damage):
+    _cached_pipeline(tmp_path)
+    npy = _cache_file(tmp_path)
+    raw = bytearray(npy.read_bytes())
+    if damage == "truncate":
+        npy.write_bytes(bytes(raw[: len(raw) - 100]))
+    elif damage == "flip":
+        raw[-10] ^= 0x20
+        npy.write_bytes(bytes(raw))
+    elif damage == "out_of_vocab":  # a consistent cache (checksum rewritten) holding ids >= 256
+        np.save(npy, np.full(len(CORPUS), 300, np.uint16), allow_pickle=False)
+        _rewrite_checksum(npy)
+    elif damage == "pickle":
+        np.save(npy, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+        _rewrite_checksum(npy)
+    elif damage == "garbage":
+        npy.write_bytes(b"\x93NUMPY garbage")
+    else:
+        for side in npy.parent.glob(npy.name + ".*"):
+            side.unlink()
+    pipe = _cached_pipeline(tmp_path)
+    assert bytes(_tokens(pipe).astype(np.uint8)) == CORPUS
+    err = capsys.readouterr().err
+    assert "token cache" in err and "rebuilt" in err and err.count("\n") == 1, err
+
+
+def test_intact_token_cache_is_reused(tmp_path, capsys):
+    _cached_pipeline(tmp_path)
+    npy = _cache_file(tmp_path)
+    before = npy.stat().st_mtime_ns
+    _cached_pipeline(tmp_path)
+    assert npy.stat().st_mtime_ns == before and capsys.readouterr().err == ""
+
+
+def _rewrite_checksum(npy):
+    (npy.parent / (npy.name + ".sha256")).write_text(hashlib.sha256(npy.read_bytes()).hexdigest())

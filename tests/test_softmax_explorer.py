@@ -4,6 +4,7 @@ import math
 
 import numpy as np
 import pytest
+from scipy import special
 
 from sandbox.cli import main
 from sandbox.errors import UserError
@@ -24,6 +25,19 @@ def test_fp32_huge_logits_naive_nan_stable_exact():
     np.testing.assert_allclose(np.round(r.log_softmax, 3), [-2.408, -1.408, -0.408])
     assert r.logsumexp == pytest.approx(1002 + math.log(1 + math.exp(-1) + math.exp(-2)), abs=1e-3)
     assert "inf" in r.explanation and "NaN" in r.explanation
+
+
+@pytest.mark.parametrize("magnitude", [1e2, 1e3, 1e4])
+def test_log_space_columns_match_float64_at_large_logits(magnitude):
+    # The explorer's log-softmax, cross-entropy and entropy are the trainer's (infotheory):
+    # near-tie logits far from 0 must not lose digits to the size of the log-sum-exp.
+    logits = (magnitude + np.random.default_rng(0).uniform(-1, 1, 16)).astype(np.float32)
+    r = explore(logits.tolist(), "fp32", target=5)
+    ref = special.log_softmax(logits.astype(np.float64))
+    np.testing.assert_allclose(r.log_softmax, ref, rtol=0, atol=1e-6)
+    assert r.cross_entropy_nats == pytest.approx(-ref[5], abs=1e-6)
+    assert r.entropy_nats == pytest.approx(-np.sum(np.exp(ref) * ref), abs=1e-6)
+    np.testing.assert_allclose(r.stable, np.exp(ref), rtol=0, atol=1e-6)
 
 
 def test_fp16_overflows_at_exp_12():

@@ -1,4 +1,4 @@
-"""`sandbox ablate SPEC [--jobs N] [--out DIR]` and `sandbox report EXPERIMENT_DIR`."""
+"""`sandbox ablate SPEC [--set KEY=VALUE ...] [--jobs N] [--out DIR]` and `sandbox report EXPERIMENT_DIR`."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def cmd_ablate(args) -> int:
     from sandbox.ablate.runner import run_experiment
     from sandbox.ablate.spec import load_spec
 
-    spec = load_spec(args.spec, args.out)
+    spec = load_spec(args.spec, args.out, args.set or [])
     exp_dir = Path(args.out) if args.out else Path("runs") / spec.name
     print(f"experiment {spec.name}: {len(spec.cells)} cells ({len(spec.variants)} variants) in {exp_dir}",
           file=sys.stderr)
@@ -46,6 +46,9 @@ def cmd_report(args) -> int:
 def register(subparsers) -> None:
     p = subparsers.add_parser("ablate", help="run a precision-ablation experiment spec (experiments/*.yaml)")
     p.add_argument("spec", help="experiment spec YAML: a base config plus axes")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config key in every cell, e.g. --set training.steps=100 (repeatable; "
+                        "not a key the spec varies)")
     p.add_argument("--jobs", type=int, default=1, help="cells run in parallel processes")
     p.add_argument("--out", help="experiment directory (default: runs/<spec name>)")
     p.add_argument("--overwrite", action="store_true", help="discard earlier results instead of resuming")

@@ -3,6 +3,14 @@
 Reads only what the cells left on disk (experiment.json, each cell's
 summary.json, metrics.jsonl and logs/<cell>.json), so `sandbox report` can
 regenerate everything after the fact, from any subset of finished cells.
+Those files are input like any other: every field of experiment.json is
+type- and range-checked (a damaged manifest is one line, exit 2); a cell's
+damaged summary.json or exit record counts as missing (see runner.py), and
+damaged metrics lines are skipped (`read_metrics`).
+table.md, summary.csv, the plots (plots.py) and the cells' TensorBoard
+hparams (hparams.py) are written atomically
+(`rundir.atomic_write`): a link planted at one of those names is replaced,
+never followed.
 
 Statistics, stated again in the table's legend:
 
@@ -21,6 +29,7 @@ Statistics, stated again in the table's legend:
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from dataclasses import dataclass, field
@@ -31,6 +40,7 @@ import numpy as np
 from sandbox.ablate.runner import cell_status, read_summary
 from sandbox.errors import UserError
 from sandbox.logger import read_metrics
+from sandbox.rundir import atomic_write, check_name
 
 # (csv column, summary.json key or None if derived, markdown header)
 MEAN_COLUMNS = [
@@ -66,7 +76,7 @@ class CellData:
     @property
     def metrics(self) -> list[dict]:
         if self._metrics is None:
-            self._metrics = read_metrics(self.run_dir)
+            self._metrics = read_metrics(self.run_dir)  # rows are objects with an integer step
         return self._metrics
 
     def rows(self, split: str) -> list[dict]:
@@ -90,6 +100,42 @@ class Experiment:
         return [c for c in self.cells if c.variant == variant]
 
 
+def _field(m: dict, key: str, path: Path, check, expected: str, where: str = ""):
+    """m[key] if check(value) holds, else a one-line UserError naming the file and the field."""
+    value = m.get(key) if isinstance(m, dict) else None
+    if not check(value):
+        shown = repr(value)
+        shown = shown if len(shown) <= 60 else shown[:60] + "..."
+        raise UserError(f"{path}: {where}{key}: expected {expected}, got {shown}")
+    return value
+
+
+def _is_str(v) -> bool:
+    return isinstance(v, str)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _cell_data(exp_dir: Path, path: Path, i: int, c) -> CellData:
+    where = f"cells[{i}]."
+    if not isinstance(c, dict):
+        raise UserError(f"{path}: cells[{i}]: expected an object, got {type(c).__name__}")
+    name = _field(c, "name", path, _is_str, "a cell name", where)
+    try:
+        check_name(name, "name")  # it becomes a path under cells/ and logs/
+    except UserError:
+        raise UserError(f"{path}: {where}name: expected a plain name (one path component), got {name[:60]!r}") \
+            from None
+    variant = _field(c, "variant", path, _is_str, "a string", where)
+    seed = _field(c, "seed", path, _is_int, "an integer", where)
+    policy = _field(c, "policy", path, _is_str, "a string", where)
+    settings = _field(c, "settings", path, lambda v: isinstance(v, dict), "an object", where)
+    run_dir = exp_dir / "cells" / name
+    return CellData(name, variant, seed, policy, settings, cell_status(exp_dir, name), read_summary(run_dir), run_dir)
+
+
 def load_experiment(exp_dir: str | Path) -> Experiment:
     exp_dir = Path(exp_dir)
     path = exp_dir / "experiment.json"
@@ -97,14 +143,23 @@ def load_experiment(exp_dir: str | Path) -> Experiment:
         raise UserError(f"{exp_dir}: not a directory")
     try:
         m = json.loads(path.read_text(encoding="utf-8"))
-        cells = [CellData(c["name"], c["variant"], c["seed"], c["policy"], c["settings"],
-                          cell_status(exp_dir, c["name"]), read_summary(exp_dir / "cells" / c["name"]),
-                          exp_dir / "cells" / c["name"]) for c in m["cells"]]
-        return Experiment(exp_dir, m["name"], m["baseline"], float(m["alpha"]), m.get("target_loss"), cells)
     except FileNotFoundError:
         raise UserError(f"{exp_dir}: no experiment.json (not an experiment directory; run `sandbox ablate SPEC` first)") from None
-    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError):
+    except (OSError, ValueError):
         raise UserError(f"{path}: unreadable or malformed experiment manifest") from None
+    if not isinstance(m, dict):
+        raise UserError(f"{path}: expected a JSON object (an experiment manifest), got {type(m).__name__}")
+    name = _field(m, "name", path, _is_str, "a string")
+    baseline = _field(m, "baseline", path, _is_str, "a policy name")
+    alpha = _field(m, "alpha", path, lambda v: _num(v) is not None and 0 < v < 1, "a number in (0, 1)")
+    target = _field(m, "target_loss", path, lambda v: v is None or (_num(v) is not None and 0 < v < math.inf),
+                    "a positive number or null")
+    cells = _field(m, "cells", path, lambda v: isinstance(v, list), "a list of cells")
+    data = [_cell_data(exp_dir, path, i, c) for i, c in enumerate(cells)]
+    names = [c.name for c in data]
+    if len(set(names)) != len(names):
+        raise UserError(f"{path}: cells: two cells share a name ({next(n for n in names if names.count(n) > 1)!r})")
+    return Experiment(exp_dir, name, baseline, float(alpha), None if target is None else float(target), data)
 
 
 def _num(v) -> float | None:
@@ -185,7 +240,7 @@ def summarize(exp: Experiment) -> tuple[list[dict], float | None]:
             if column in WITH_SPREAD:
                 row[column + "_std"] = float(np.std(vals, ddof=1)) if len(vals) > 1 else None
         nan_steps = [c.summary.get("failed_step") for c in cells if c.status == "failed"]
-        row["nan_step"] = ";".join(str(s) for s in nan_steps if s is not None) or None
+        row["nan_step"] = ";".join(str(s) for s in nan_steps if _is_int(s)) or None
         crashed = [c.name for c in cells if c.status == "crashed"]
         row["crashed_cells"] = ";".join(crashed) or None
         base = _baseline_variant(exp, variant)
@@ -217,11 +272,12 @@ def _fmt(v, std=None) -> str:
 
 def write_csv(rows: list[dict], path: Path) -> None:
     keys = list(rows[0]) if rows else ["variant"]
-    with path.open("w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: "" if r.get(k) is None else r[k] for k in keys})
+    text = io.StringIO(newline="")
+    w = csv.DictWriter(text, fieldnames=keys)
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: "" if r.get(k) is None else r[k] for k in keys})
+    atomic_write(path, text.getvalue())
 
 
 def markdown_table(exp: Experiment, rows: list[dict], target: float | None) -> str:
@@ -257,14 +313,16 @@ def markdown_table(exp: Experiment, rows: list[dict], target: float | None) -> s
 
 
 def write_report(exp_dir: str | Path) -> dict:
-    """Writes table.md, summary.csv and plots/*.png; returns their paths."""
+    """Writes table.md, summary.csv, plots/*.{png,svg} and the cells' TensorBoard hparams; returns their paths."""
+    from sandbox.ablate.hparams import write_hparams
     from sandbox.ablate.plots import write_plots
 
     exp = load_experiment(exp_dir)
     rows, target = summarize(exp)
-    table = exp.dir / "table.md"
-    table.write_text(markdown_table(exp, rows, target), encoding="utf-8")
+    table = atomic_write(exp.dir / "table.md", markdown_table(exp, rows, target))
     csv_path = exp.dir / "summary.csv"
     write_csv(rows, csv_path)
     plots = write_plots(exp, rows, exp.dir / "plots")
-    return {"table": table, "csv": csv_path, "plots": plots}
+    keys = {column: key for column, key, _ in MEAN_COLUMNS}
+    hparams = write_hparams(exp, lambda cell, column: _cell_value(cell, column, keys[column], target))
+    return {"table": table, "csv": csv_path, "plots": plots, "hparams": hparams}

@@ -19,6 +19,19 @@ crossed with the seed axis unless they set `seed` themselves. Every cell's
 config is built and validated here, before anything runs, through the same
 `from_dict` (and policy parser) as `sandbox train`; an error names the spec
 file and the cell, then says what the config loader says.
+
+`sandbox ablate SPEC --set KEY=VALUE` (repeatable) changes the base config
+of every cell, parsed and validated like `sandbox train --set`. A key the
+spec varies (an axis, a key an explicit cell sets, or a section holding one)
+is refused in one line: the cells' own values would silently win over it,
+or it would silently erase the axis; change the spec for that. So are
+`name` and `run_root`, which the experiment sets per cell (use `--out`).
+
+`Spec.resolved` is the spec made self-contained: its base config merged into
+`config`, no `base:` left. The experiment keeps it as `spec.yaml`, so
+`sandbox ablate EXP/spec.yaml --out EXP` re-runs exactly the same cells from
+anywhere, whatever relative paths the original spec used; `--set` values
+are merged into it, so a re-run from it needs no `--set`.
 """
 
 from __future__ import annotations
@@ -31,8 +44,11 @@ from typing import Any
 
 from sandbox import config as config_lib
 from sandbox.errors import UserError
+from sandbox.precision.policy import make_policy
+from sandbox.rundir import check_name
 
 SPEC_KEYS = ("name", "description", "base", "config", "axes", "cells", "target_loss", "baseline", "alpha")
+SET_BY_EXPERIMENT = ("name", "run_root")  # per-cell values `--set` cannot change
 
 
 @dataclass(frozen=True)
@@ -52,6 +68,8 @@ class Spec:
     target_loss: float | None
     baseline: str
     alpha: float
+    resolved: dict  # the spec with its base merged in: what the experiment saves as spec.yaml
+    overrides: tuple[str, ...] = ()  # the --set KEY=VALUE texts, already merged into every cell and `resolved`
 
     @property
     def variants(self) -> list[str]:
@@ -135,16 +153,36 @@ def _settings_list(path: Path, raw: dict) -> list[tuple[str | None, dict]]:
     return expanded
 
 
-def load_spec(path: str | Path, exp_dir: str | Path | None = None) -> Spec:
-    """Reads and validates a spec; every cell's config is built with run_root = exp_dir/cells."""
+def _overlapping(a: str, b: str) -> bool:
+    """Whether dotted keys a and b name the same setting, or one is a section holding the other."""
+    return a == b or a.startswith(b + ".") or b.startswith(a + ".")
+
+
+def _apply_sets(path: Path, base: dict, overrides: list[str], varied: set[str]) -> dict:
+    """The base config with `--set` overrides applied; a key the spec varies is refused."""
+    for text in overrides:
+        key = ".".join(config_lib.parse_override(text)[0])
+        if key in SET_BY_EXPERIMENT:
+            raise UserError(f"--set {text!r}: {key} is set per cell by sandbox ablate (use --out to choose "
+                            f"where the experiment goes)")
+        clash = next((v for v in sorted(varied) if _overlapping(key, v)), None)
+        if clash is not None:
+            raise UserError(f"--set {text!r}: {path} varies {clash} across its cells (an axis or a cell's "
+                            f"setting); --set applies to all cells, so change {clash} in the spec instead")
+    return config_lib.apply_overrides(base, overrides)
+
+
+def load_spec(path: str | Path, exp_dir: str | Path | None = None, overrides: list[str] = ()) -> Spec:
+    """Reads and validates a spec; every cell's config is built with run_root = exp_dir/cells.
+
+    `overrides` are `--set KEY=VALUE` texts applied to every cell (see the module docstring).
+    """
     path = Path(path)
     raw = config_lib.read_yaml(path)
     for key in raw:
         if key not in SPEC_KEYS:
             raise UserError(f"{path}: unknown spec key '{key}' (valid keys: {', '.join(SPEC_KEYS)})")
-    name = raw.get("name") or path.stem
-    if not isinstance(name, str) or "/" in name:
-        raise UserError(f"{path}: name: expected a plain experiment name, got {name!r}")
+    name = check_name(raw.get("name") or path.stem, f"{path}: name")  # runs/<name> must stay in runs/
     exp_dir = Path(exp_dir) if exp_dir is not None else Path("runs") / name
     inline = raw.get("config") or {}
     if not isinstance(inline, dict):
@@ -157,9 +195,11 @@ def load_spec(path: str | Path, exp_dir: str | Path | None = None) -> Spec:
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < 1:
         raise UserError(f"{path}: alpha: expected a number in (0, 1), got {alpha!r}")
     baseline = str(raw.get("baseline", "fp32"))
+    settings_list = _settings_list(path, raw)
+    base = _apply_sets(path, base, list(overrides), {k for _, s in settings_list for k in s})
 
     cells, seen = [], set()
-    for label, settings in _settings_list(path, raw):
+    for label, settings in settings_list:
         variant = label or _label(settings)
         seed = settings.get("seed", base.get("seed", 0))
         cell_name = _slug(variant) + f"_s{seed}"
@@ -173,8 +213,6 @@ def load_spec(path: str | Path, exp_dir: str | Path | None = None) -> Spec:
                                                     "logging": {"progress": False}})
         try:
             cfg = config_lib.from_dict(cell_raw)
-            from sandbox.precision.policy import make_policy
-
             make_policy(cfg.precision)
         except UserError as e:
             raise UserError(f"{path}: cell {cell_name}: {e}") from None
@@ -182,4 +220,6 @@ def load_spec(path: str | Path, exp_dir: str | Path | None = None) -> Spec:
     policies = sorted({c.config.precision.policy for c in cells})
     if "baseline" in raw and baseline not in policies:
         raise UserError(f"{path}: baseline: {baseline!r} is not the policy of any cell (policies: {', '.join(policies)})")
-    return Spec(name, path, tuple(cells), None if target is None else float(target), baseline, float(alpha))
+    resolved = {**{k: v for k, v in raw.items() if k != "base"}, "name": name, "config": base}
+    return Spec(name, path, tuple(cells), None if target is None else float(target), baseline, float(alpha),
+                resolved, tuple(overrides))

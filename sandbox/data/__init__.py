@@ -6,7 +6,8 @@ run sees exactly the batches an uninterrupted one would, with no iterator
 state to checkpoint.
 """
 
-from sandbox.data.batches import Batch, DataPipeline, make_pipeline
-from sandbox.data.tokenizer import ByteTokenizer, Tokenizer, make_tokenizer
+from sandbox.data.batches import Batch, DataPipeline, make_pipeline, tokenizer_for
+from sandbox.data.tokenizer import BPETokenizer, ByteTokenizer, Tokenizer, make_tokenizer
 
-__all__ = ["Batch", "ByteTokenizer", "DataPipeline", "Tokenizer", "make_pipeline", "make_tokenizer"]
+__all__ = ["BPETokenizer", "Batch", "ByteTokenizer", "DataPipeline", "Tokenizer", "make_pipeline",
+           "make_tokenizer", "tokenizer_for"]

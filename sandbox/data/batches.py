@@ -10,13 +10,13 @@ from __future__ import annotations
 import queue
 import threading
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 
 from sandbox.data.synthetic import MarkovSource
-from sandbox.data.text import load_hf_dataset, load_text_files
-from sandbox.data.tokenizer import Tokenizer, make_tokenizer
+from sandbox.data.text import Corpus, corpus_tokenizer, corpus_tokens, text_corpus, train_length
+from sandbox.data.tokenizer import ByteTokenizer, Tokenizer
 from sandbox.errors import UserError
 
 TRAIN_STREAM = 0
@@ -65,76 +65,160 @@ class DataPipeline:
         return Batch.from_windows(self._windows(rng, self.val_tokens))
 
     def prefetch_train(self, start: int, stop: int, depth: int,
-                       transform: Callable[[Batch], object] = lambda b: b) -> Iterator:
-        """Yields transform(train_batch(k)) for k in [start, stop), prepared `depth` ahead on a thread."""
-        if depth <= 0:
-            for k in range(start, stop):
-                yield transform(self.train_batch(k))
-            return
-        q: queue.Queue = queue.Queue(maxsize=depth)
-        stop_flag = threading.Event()
+                       transform: Callable[[Batch], object] = lambda b: b) -> "Prefetcher":
+        """transform(train_batch(k)) for k in [start, stop), prepared `depth` ahead on a thread.
 
-        def work():
-            try:
-                for k in range(start, stop):
-                    item = transform(self.train_batch(k))
-                    while not stop_flag.is_set():
-                        try:
-                            q.put(item, timeout=0.1)
-                            break
-                        except queue.Full:
-                            continue
-                    if stop_flag.is_set():
-                        return
-            except BaseException as e:  # surfaced in the consumer
-                q.put(e)
+        Use it as a context manager (or call close()): the worker is stopped and joined on the way out.
+        """
+        return Prefetcher(lambda k: transform(self.train_batch(k)), start, stop, depth)
 
-        thread = threading.Thread(target=work, daemon=True, name="prefetch")
-        thread.start()
+
+class Prefetcher:
+    """Iterator over make(k) for k in [start, stop), made `depth` items ahead on a worker thread.
+
+    Shutdown is deterministic: close() (also on leaving a `with` block) sets a stop event, drains
+    the queue and joins the worker, so no worker outlives the loop that used it. Why it matters:
+    the worker spends its time inside JAX (`make` puts the batch on the device). A daemon thread
+    still running when the interpreter finalises is ended by pthread_exit the moment it reacquires
+    the GIL; that forced unwind cannot cross JAX's noexcept C++ frames, and the process aborts
+    after its work is done ("terminate called after throwing an instance of ''", "FATAL: exception
+    not rethrown", exit 134). Relying on garbage collection to stop the worker left that window open.
+
+    depth <= 0 makes each item on demand, on the caller's thread.
+    """
+
+    def __init__(self, make: Callable[[int], object], start: int, stop: int, depth: int):
+        self._make, self._steps = make, iter(range(start, stop))
+        self._remaining = max(0, stop - start)
+        self._queue: queue.Queue = queue.Queue(maxsize=max(depth, 1))
+        self._stop = threading.Event()
+        self._thread = None
+        if depth > 0:
+            # daemon: a caller that never closes us must not hang interpreter exit (close() is the contract)
+            self._thread = threading.Thread(target=self._work, daemon=True, name="prefetch")
+            self._thread.start()
+
+    def _work(self) -> None:
         try:
-            for _ in range(start, stop):
-                item = q.get()
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            stop_flag.set()
+            for k in self._steps:
+                if self._stop.is_set() or not self._offer(self._make(k)):
+                    return
+        except BaseException as e:  # surfaced in the consumer
+            self._offer(e)
+
+    def _offer(self, item) -> bool:
+        """Puts item on the queue unless stopped first; polls so close() never waits on a full queue."""
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __iter__(self) -> "Prefetcher":
+        return self
+
+    def __next__(self):
+        if self._remaining <= 0 or self._stop.is_set():
+            raise StopIteration
+        self._remaining -= 1
+        if self._thread is None:
+            return self._make(next(self._steps))
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            self.close()
+            raise item
+        return item
+
+    def close(self) -> None:
+        """Stops the worker and waits for it (at most the one item it is making); idempotent."""
+        self._stop.set()
+        if self._thread is None:
+            return
+        while self._thread.is_alive():
+            self._drain()
+            self._thread.join(timeout=0.05)
+        self._drain()  # device buffers of unused batches are freed now, not at exit
+
+    def _drain(self) -> None:
+        try:
+            while True:
+                self._queue.get_nowait()
+        except queue.Empty:
+            pass
+
+    def __enter__(self) -> "Prefetcher":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
-def _split(tokens: np.ndarray, val_fraction: float, context: int, what: str) -> tuple[np.ndarray, np.ndarray]:
+def _split(tokens: np.ndarray, tokenizer: Tokenizer, val_fraction: float, context: int,
+           what: str) -> tuple[np.ndarray, np.ndarray]:
     n = len(tokens)
-    n_val = int(n * val_fraction)
-    train, val = tokens[: n - n_val], tokens[n - n_val:]
+    n_train = train_length(tokens, tokenizer, val_fraction)
+    train, val = tokens[:n_train], tokens[n_train:]
     if len(train) < context + 2:
         raise UserError(f"{what}: corpus of {n} tokens is too short for model.context={context} "
                         f"(needs more than {context + 1} training tokens)")
-    if n_val and len(val) < context + 2:
+    if len(val) and len(val) < context + 2:
         raise UserError(f"data.val_fraction: validation split of {len(val)} tokens is shorter than "
                         f"model.context={context} + 2")
-    return train, (val if n_val else train)
+    return train, (val if len(val) else train)
+
+
+def _corpus(d) -> Corpus:
+    if d.source == "text":
+        return text_corpus(d.paths)
+    from sandbox.data.hf import hf_corpus  # imports `datasets` (most of a second): only for source=hf
+
+    return hf_corpus(d)
+
+
+def _check_vocab(d, model_vocab: int) -> None:
+    """model.vocab_size is never derived from the data: a checkpoint's shapes must not depend on a corpus."""
+    needed = {"byte": 256, "bpe": d.bpe_vocab_size}[d.tokenizer]
+    if model_vocab < needed:
+        what = "the byte tokenizer's 256" if d.tokenizer == "byte" else f"data.bpe_vocab_size={needed}"
+        raise UserError(f"model.vocab_size: {model_vocab} is smaller than {what}; set model.vocab_size={needed}")
+
+
+def tokenizer_for(cfg) -> Tokenizer:
+    """The run's tokenizer: the byte one, or its BPE (from the cache, else retrained on the same split)."""
+    d = cfg.data
+    if d.tokenizer == "byte":
+        return ByteTokenizer()
+    return corpus_tokenizer(_corpus(d), d.tokenizer, d.bpe_vocab_size, d.val_fraction, d.cache_dir)
+
+
+def text_info(tokenizer: Tokenizer, train: np.ndarray, val: np.ndarray) -> dict:
+    """Token and UTF-8 byte counts of the splits; bytes_per_token (of the validation split) turns
+    nats per token into bits per byte: bits/byte = ce / (ln 2 * bytes_per_token)."""
+    val_bytes = int(tokenizer.byte_lengths[val].sum())
+    return {"train_tokens": len(train), "val_tokens": len(val), "val_bytes": val_bytes,
+            "bytes_per_token": val_bytes / len(val)}
 
 
 def make_pipeline(cfg) -> DataPipeline:
     """The data pipeline a run config describes."""
     d, m = cfg.data, cfg.model
-    tok = make_tokenizer(d.tokenizer)
-    if tok.vocab_size > m.vocab_size:
-        raise UserError(f"model.vocab_size: {m.vocab_size} is smaller than the {tok.name} tokenizer's "
-                        f"{tok.vocab_size}")
-    common = dict(tokenizer=tok, seed=cfg.seed, batch_size=cfg.training.batch_size, context=m.context)
+    common = dict(seed=cfg.seed, batch_size=cfg.training.batch_size, context=m.context)
+    _check_vocab(d, m.vocab_size)
     if d.source == "synthetic":
+        if d.tokenizer != "byte":
+            raise UserError(f"data.tokenizer: {d.tokenizer} is trained on a corpus; data.source=synthetic "
+                            f"has none (use byte)")
         s = d.synthetic
         if m.context < s.order:
             raise UserError(f"model.context: {m.context} is shorter than data.synthetic.order={s.order}")
         src = MarkovSource.create(s.alphabet, s.order, s.concentration, s.seed)
         info = {"entropy_rate": src.entropy_rate, "source_floor": src.window_floor(m.context)}
-        return DataPipeline(markov=src, info=info, **common)
-    if d.source == "text":
-        tokens = load_text_files(d.paths, tok, d.cache_dir)
-        what = "data.paths"
-    else:
-        tokens = load_hf_dataset(d.hf_name, d.hf_config, d.hf_split, d.hf_field, tok, d.cache_dir)
-        what = "data.hf_name"
-    train, val = _split(tokens, d.val_fraction, m.context, what)
-    return DataPipeline(train_tokens=train, val_tokens=val,
-                        info={"train_tokens": len(train), "val_tokens": len(val)}, **common)
+        return DataPipeline(tokenizer=ByteTokenizer(), markov=src, info=info, **common)
+    corpus = _corpus(d)
+    tok = corpus_tokenizer(corpus, d.tokenizer, d.bpe_vocab_size, d.val_fraction, d.cache_dir)
+    tokens = corpus_tokens(corpus, tok, d.val_fraction, d.cache_dir)
+    train, val = _split(tokens, tok, d.val_fraction, m.context, corpus.what)
+    return DataPipeline(tokenizer=tok, train_tokens=train, val_tokens=val, info=text_info(tok, train, val),
+                        **common)

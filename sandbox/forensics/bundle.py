@@ -25,7 +25,17 @@ Layout of a bundle directory (nothing in it is ever unpickled or executed):
 
 `load_bundle` checks the format tag, that the directory holds exactly the
 listed files, every sha256, and that each array has the recorded dtype and
-shape; anything else is a one-line UserError.
+shape. meta.json is not covered by a checksum, so every field read from it is
+type- and range-checked before use (`_check_meta`: the failed step is a
+0-based index inside the run, the seed and RNG rule match, the recorded
+metrics and history rows are numbers, leaf tables name known dtypes and sane
+shapes), and the batch must be token ids the config's model can embed.
+Anything else is a one-line UserError naming the file and the field.
+
+Step numbering: meta.json's `failed_step` is the 0-based index of the failed
+step (`state.step` before it, which seeds its RNG); everything shown to a
+user (summary.txt, `sandbox replay`) names it 1-based, `failed_step + 1`, as
+metrics.jsonl and summary.json do.
 """
 
 from __future__ import annotations
@@ -46,6 +56,7 @@ from safetensors.numpy import load_file, save_file
 
 from sandbox import config as config_lib
 from sandbox.errors import UserError
+from sandbox.precision.policy import make_policy
 
 FORMAT = "sandbox-failure-bundle/1"
 META, STATE, BATCH, SUMMARY = "meta.json", "state.safetensors", "batch.safetensors", "summary.txt"
@@ -54,6 +65,14 @@ RNG_RULE = "step key = fold_in(key(seed), step); microbatch i key = fold_in(step
 _EXOTIC = {"bfloat16": ml_dtypes.bfloat16, "float8_e4m3fn": ml_dtypes.float8_e4m3fn,
            "float8_e5m2": ml_dtypes.float8_e5m2}
 _UINT = {1: np.uint8, 2: np.uint16}
+# Dtypes a bundle may hold (train state and batch): nothing else is decoded.
+_DTYPES = frozenset({"float64", "float32", "float16", "int8", "int16", "int32", "int64", "uint8", "uint16",
+                     "uint32", "uint64", "bool", *_EXOTIC})
+MAX_STEP = 2**31 - 1  # state.step is an int32
+MAX_ELEMENTS = 2**34  # of one array: far beyond any model this sandbox trains
+MAX_HISTORY = 100_000  # metric rows
+_RECORDED = ("loss", "grad_norm", "nonfinite", "loss_scale")
+_NONFINITE_WORDS = frozenset({"nan", "inf", "-inf"})  # how _json_safe writes them
 
 
 @dataclass
@@ -143,8 +162,6 @@ def save_bundle(path: Path, cfg: config_lib.Config, state, batch: dict, failed_s
     recorded = {k: failed_row[k] for k in ("loss", "grad_norm", "nonfinite", "loss_scale") if k in failed_row}
     summary = _summary_text(cfg, failed_step, recorded, path)
     (path / SUMMARY).write_text(summary, encoding="utf-8")
-    from sandbox.precision.policy import make_policy
-
     meta = {
         "format": FORMAT,
         "failed_step": failed_step,
@@ -165,7 +182,7 @@ def save_bundle(path: Path, cfg: config_lib.Config, state, batch: dict, failed_s
 
 def _summary_text(cfg, failed_step: int, recorded: dict, path: Path) -> str:
     loss = recorded.get("loss", "?")
-    return (f"Run {cfg.name}: non-finite values at step {failed_step + 1} (0-based step {failed_step}).\n"
+    return (f"Run {cfg.name}: stopped at step {failed_step + 1} (numbered as in metrics.jsonl).\n"
             f"Policy {cfg.precision.policy}, seed {cfg.seed}, nan_policy {cfg.forensics.nan_policy}.\n"
             f"Recorded loss {loss}, grad norm {recorded.get('grad_norm', '?')}.\n"
             f"The state here is the state before that step; the batch is that step's batch.\n"
@@ -188,13 +205,128 @@ def _read_meta(path: Path) -> dict:
     return meta
 
 
+def _bad(path: Path, field: str, why: str, value=None) -> UserError:
+    shown = "" if value is None else f", got {_short(value)}"
+    return UserError(f"{path / META}: field '{field}' {why}{shown}")
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _require(meta: dict, path: Path, field: str, kind: type, what: str):
+    if field not in meta:
+        raise _bad(path, field, "is missing")
+    value = meta[field]
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
+        raise _bad(path, field, f"must be {what}", value)
+    return value
+
+
+def _int_in(meta: dict, path: Path, field: str, lo: int, hi: int) -> int:
+    value = _require(meta, path, field, int, "an integer")
+    if not lo <= value <= hi:
+        raise _bad(path, field, f"must be in [{lo}, {hi}]", value)
+    return value
+
+
+def _metric(value) -> bool:
+    """A recorded metric: a number, a bool, or a non-finite number as _json_safe writes it."""
+    if isinstance(value, str):
+        return value in _NONFINITE_WORDS
+    return value is None or isinstance(value, (int, float))
+
+
+def _check_leaves(meta: dict, path: Path, field: str) -> None:
+    table = _require(meta, path, field, dict, "a mapping of array names to {dtype, shape}")
+    for name, info in table.items():
+        where = f"{field}/{name}"
+        if not isinstance(info, dict) or set(info) != {"dtype", "shape"}:
+            raise _bad(path, where, "must be {dtype, shape}", info)
+        if info["dtype"] not in _DTYPES:
+            raise _bad(path, f"{where}/dtype", "names no array dtype", info["dtype"])
+        shape = info["shape"]
+        if not isinstance(shape, list) or len(shape) > 8 or not all(
+                isinstance(n, int) and not isinstance(n, bool) and 0 <= n <= MAX_ELEMENTS for n in shape):
+            raise _bad(path, f"{where}/shape", "must be a list of at most 8 sizes >= 0", shape)
+        if math.prod(shape) > MAX_ELEMENTS:
+            raise _bad(path, f"{where}/shape", f"has more than {MAX_ELEMENTS} elements", shape)
+
+
+def _check_meta(meta: dict, path: Path) -> config_lib.Config:
+    """Every field `load_bundle` and replay read, type- and range-checked; returns the config."""
+    sums = _require(meta, path, "sha256", dict, "a mapping of file names to sha256 digests")
+    if set(sums) != {STATE, BATCH, SUMMARY}:
+        raise _bad(path, "sha256", f"must list exactly {STATE}, {BATCH}, {SUMMARY}", sorted(map(str, sums)))
+    for name, digest in sums.items():
+        if not isinstance(digest, str) or len(digest) != 64 or not all(c in "0123456789abcdef" for c in digest):
+            raise _bad(path, f"sha256/{name}", "must be a sha256 hex digest", digest)
+    raw = _require(meta, path, "config", dict, "a mapping (the resolved config)")
+    try:
+        cfg = config_lib.from_dict(raw)
+    except UserError as e:
+        raise UserError(f"{path / META}: field 'config': {e}") from None
+    _int_in(meta, path, "failed_step", 0, min(cfg.training.steps - 1, MAX_STEP))
+    if _require(meta, path, "seed", int, "an integer") != cfg.seed:
+        raise _bad(path, "seed", f"must equal the config's seed {cfg.seed}", meta["seed"])
+    if _require(meta, path, "rng_rule", str, "a string") != RNG_RULE:
+        raise _bad(path, "rng_rule", "is not this sandbox's RNG rule (the step would not reproduce)",
+                   meta["rng_rule"])
+    policy = make_policy(cfg.precision).describe()
+    if _require(meta, path, "policy", str, "a string") != policy:
+        raise _bad(path, "policy", f"must describe the config's policy ({policy})", meta["policy"])
+    devices = _require(meta, path, "devices", list, "a list of device names")
+    if not all(isinstance(d, str) for d in devices):
+        raise _bad(path, "devices", "must be a list of device names", devices)
+    recorded = _require(meta, path, "recorded", dict, "a mapping of metric names to values")
+    for key, value in recorded.items():
+        if key not in _RECORDED or not _metric(value):
+            raise _bad(path, f"recorded/{key}", "must be one of the step's metrics, a number", value)
+    _check_history(meta, path, meta["failed_step"])
+    _check_leaves(meta, path, "state_leaves")
+    _check_leaves(meta, path, "batch_leaves")
+    return cfg
+
+
+def _check_history(meta: dict, path: Path, failed_step: int) -> None:
+    rows = _require(meta, path, "history", list, "a list of metric rows")
+    if len(rows) > MAX_HISTORY:
+        raise _bad(path, "history", f"has more than {MAX_HISTORY} rows", len(rows))
+    for i, row in enumerate(rows):
+        where = f"history[{i}]"
+        if not isinstance(row, dict):
+            raise _bad(path, where, "must be a mapping of metric names to values", row)
+        step = row.get("step")
+        if not isinstance(step, int) or isinstance(step, bool) or not 1 <= step <= failed_step + 1:
+            raise _bad(path, f"{where}/step", f"must be a step number in [1, {failed_step + 1}]", step)
+        for key, value in row.items():
+            if not (isinstance(key, str) and (_metric(value) or isinstance(value, str))):
+                raise _bad(path, f"{where}/{key}", "must be a number", value)
+
+
+def _check_batch(batch: dict, cfg: config_lib.Config, path: Path) -> None:
+    """Token ids the config's model can embed, in the step's shape (an id out of range would embed as NaN)."""
+    shape = (cfg.training.batch_size, cfg.model.context)
+    for name in ("inputs", "targets"):
+        a = batch.get(name)
+        if a is None or a.dtype.kind not in "iu" or a.shape != shape:
+            got = "missing" if a is None else f"{a.dtype.name}{list(a.shape)}"
+            raise UserError(f"{path / BATCH}: '{name}' must be integer token ids of shape {list(shape)}, "
+                            f"got {got}")
+        if a.size and (a.min() < 0 or a.max() >= cfg.model.vocab_size):
+            raise UserError(f"{path / BATCH}: '{name}' holds token ids outside [0, {cfg.model.vocab_size})")
+    extra = sorted(set(batch) - {"inputs", "targets"})
+    if extra:
+        raise UserError(f"{path / BATCH}: unexpected array '{extra[0]}'")
+
+
 def load_bundle(path: str | Path) -> Bundle:
     """Read and verify a bundle; any damage or foreign file is a one-line UserError."""
     path = Path(path)
     meta = _read_meta(path)
-    sums = meta.get("sha256") or {}
-    if set(sums) != {STATE, BATCH, SUMMARY}:
-        raise UserError(f"{path / META}: checksum list damaged")
+    cfg = _check_meta(meta, path)
+    sums = meta["sha256"]
     extra = sorted(p.name for p in path.iterdir() if p.name not in sums and p.name != META)
     if extra:
         raise UserError(f"{path}: unexpected file {extra[0]} in the bundle (refusing to load it)")
@@ -208,7 +340,11 @@ def load_bundle(path: str | Path) -> Bundle:
     try:
         arrays = _decode(load_file(str(path / STATE)), meta["state_leaves"], path / STATE)
         batch = _decode(load_file(str(path / BATCH)), meta["batch_leaves"], path / BATCH)
-        config_lib.from_dict(meta["config"])
     except (SafetensorError, KeyError, TypeError, ValueError) as e:
         raise UserError(f"{path}: damaged bundle ({e.__class__.__name__}: {str(e).splitlines()[0][:120]})") from None
+    _check_batch(batch, cfg, path)
+    step = arrays.get("step")
+    if step is None or step.shape != () or step.dtype.kind not in "iu" or int(step) != meta["failed_step"]:
+        raise UserError(f"{path / STATE}: 'step' must be the failed step's index {meta['failed_step']} "
+                        f"(meta.json failed_step)")
     return Bundle(path, meta, arrays, batch)

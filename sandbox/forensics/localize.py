@@ -23,13 +23,22 @@ non-finite values. `sharding_constraint`, `reshard` and `device_put` are
 identities and sharding params are dropped, so a step written for many
 devices replays on one CPU (call it inside the step's mesh, so it traces).
 
-Every non-finite value carries its provenance: the event that made it. An op
-with all-finite inputs and a non-finite output starts a new event. An op fed
-with non-finite values inherits the earliest event among its inputs. The
-function's own non-finite inputs are events too (`nonfinite_input`). The
-report is the earliest event behind a non-finite *output* of `fn`, which is
-the first finite -> non-finite op unless that op's result never reached the
-output. For example, a -inf that exp turns back into 0, or a log(0) that
+Every non-finite value carries its provenance: the set of events whose values
+reached it. An op with all-finite inputs and a non-finite output starts a new
+event. An op fed with non-finite values inherits the events of its inputs.
+The function's own non-finite inputs are events too (`nonfinite_input`).
+
+The origin. When `fn` differentiates (its first output is then the loss) and
+the loss is non-finite, the origin is the earliest event behind the loss
+itself: the first non-finite value on the loss's own dependency path, a
+forward op. Execution order alone would mislead here: linearisation computes
+derivative pieces (x**2 inside gelu's derivative) during the forward pass,
+before later forward ops, so a backward overflow can come first in time
+although the forward overflow is what made the loss NaN. That backward event
+is reported separately, as `first_backward`, whenever one exists. Otherwise
+(a finite loss, or no differentiation) the origin is the earliest event
+behind any non-finite output, which is the first finite -> non-finite op
+unless that op's result never reached the output. For example, a -inf that exp turns back into 0, or a log(0) that
 `jnp.where` selects away, is not reported (but the 0/0 it leaves in the
 backward pass is). Infinities written as constants (an attention mask of
 -inf) are not causes by themselves. A NaN made from them (inf - inf in a
@@ -122,6 +131,14 @@ class Origin:
         return dataclasses.asdict(self)
 
 
+@dataclasses.dataclass(frozen=True)
+class Localization:
+    """What `localize` found: the origin, and a separate backward event when there is one."""
+
+    origin: Origin | None  # the loss's own origin when the loss is non-finite, else the earliest event
+    first_backward: Origin | None  # the earliest value made non-finite in the backward pass, if not the origin
+
+
 def localize_nonfinite(fn, *args, **kwargs) -> Origin | None:
     """The origin of the non-finite values `fn(*args, **kwargs)` returns, or None if it returns none.
 
@@ -129,6 +146,11 @@ def localize_nonfinite(fn, *args, **kwargs) -> Origin | None:
     `fn = jax.value_and_grad(loss_fn)` (or a whole jitted step) and the args
     are the failing step's parameters and batch.
     """
+    return localize(fn, *args, **kwargs).origin
+
+
+def localize(fn, *args, **kwargs) -> Localization:
+    """`localize_nonfinite`, with the first backward event reported separately (see the module notes)."""
     cpu = jax.devices("cpu")[0]
     leaves, treedef = jax.tree_util.tree_flatten_with_path((args, kwargs))
     values = [leaf for _, leaf in leaves]
@@ -148,15 +170,19 @@ def localize_nonfinite(fn, *args, **kwargs) -> Origin | None:
         interp = _Interpreter(closed.jaxpr)
         taints = [interp.input_event(a, _arg_path(leaves[i][0])) for i, a in zip(dynamic, arrays)]
         _, out_taints = interp.run(closed.jaxpr, closed.consts, arrays, taints, (), False)
-    event = _earliest(out_taints)
-    return None if event is None else event.origin()
+    events = _union(out_taints)
+    loss_taint = out_taints[0] if interp.differentiated and out_taints else None
+    origin = _earliest(loss_taint or events)  # a non-finite loss: only what reached the loss
+    backward = _earliest(e for e in events if e.kind == "op" and e.backward)
+    return Localization(origin.origin() if origin else None,
+                        backward.origin() if backward is not None and backward is not origin else None)
 
 
-def format_origin(origin: Origin) -> str:
+def format_origin(origin: Origin, title: str = "First non-finite value") -> str:
     """A readable multi-line report."""
     o = origin.output_stats
     lines = [
-        f"First non-finite value: {origin.cause} ({origin.phase} pass)",
+        f"{title}: {origin.cause} ({origin.phase} pass)",
         f"  op:      {origin.primitive}  at {origin.name_stack or '<top level>'}",
         f"  source:  {origin.source_line}",
         f"  output:  {origin.dtype}{list(origin.shape)}  nan={o.nan} +inf={o.posinf} -inf={o.neginf}",
@@ -210,6 +236,10 @@ class _Event:
             cause=cause, explanation=why, remedy=fix, op_index=self.index)
 
 
+# The events behind a non-finite value (every event whose values reached it); None where finite.
+Taint = frozenset | None
+
+
 class _Interpreter:
     def __init__(self, jaxpr: jcore.Jaxpr):
         self.count = 0  # equations evaluated so far
@@ -220,16 +250,16 @@ class _Interpreter:
         self.differentiated = any("transpose" in _split(e)[1] for e in self.main.eqns)
         self.primal_deps = _ancestors(self.main, self.main.outvars[0]) if self.main.outvars else set()
 
-    def input_event(self, x, path: str) -> _Event | None:
-        return None if _finite(x) else _Event(self.count, "input", "<input>", (path,), False,
-                                              "function input", [], [x])
+    def input_event(self, x, path: str) -> Taint:
+        return None if _finite(x) else frozenset({_Event(self.count, "input", "<input>", (path,), False,
+                                                         "function input", [], [x])})
 
-    def _constant_event(self, x, path) -> _Event | None:
-        return None if _finite(x) else _Event(self.count, "constant", "<constant>", path, False,
-                                              "constant", [], [x])
+    def _constant_event(self, x, path) -> Taint:
+        return None if _finite(x) else frozenset({_Event(self.count, "constant", "<constant>", path, False,
+                                                         "constant", [], [x])})
 
     def run(self, jaxpr, consts, args, taints, path, backward):
-        """Evaluate `jaxpr`; returns (outputs, their events: None where finite)."""
+        """Evaluate `jaxpr`; returns (outputs, their taints: None where finite)."""
         env = {}
 
         def read(v):
@@ -287,13 +317,15 @@ class _Interpreter:
         bad = [not _finite(o) for o in outs]
         if not any(bad):
             return [None] * len(outs)
-        event = _earliest(intaints)
+        taint = _union(intaints)
+        only_constants = all(e.kind == "constant" for e in taint)
         new_nan = any(_has_nan(o) for o in outs) and not any(_has_nan(i) for i in invals)
-        if event is None or (event.kind == "constant" and new_nan):
+        if not taint or (only_constants and new_nan):
             name = eqn.primitive.name
-            event = _Event(index, "op", name, path, backward, _source_line(eqn), invals, outs,
-                           after_softmax=name in ("log", "log1p") and self._fed_by_softmax(eqn.invars[0]))
-        return [event if b else None for b in bad]
+            taint = frozenset({_Event(index, "op", name, path, backward, _source_line(eqn), invals, outs,
+                                      after_softmax=name in ("log", "log1p")
+                                      and self._fed_by_softmax(eqn.invars[0]))})
+        return [taint if b else None for b in bad]
 
     def _unroll_scan(self, eqn, invals, intaints, path, backward):
         p = eqn.params
@@ -308,7 +340,7 @@ class _Interpreter:
                                     path, backward)
             carry, ktaints = outs[:nk], taints[:nk]
             ys.append(outs[nk:])
-            ytaints = [_earliest([a, b]) for a, b in zip(ytaints, taints[nk:])]
+            ytaints = [_union([a, b]) or None for a, b in zip(ytaints, taints[nk:])]
         if p["reverse"]:
             ys.reverse()
         stacked = [jnp.stack([y[j] for y in ys]) for j in range(len(ytaints))]
@@ -383,10 +415,15 @@ def _ancestors(jaxpr, var) -> set[int]:
     return seen
 
 
+def _union(taints) -> frozenset:
+    """All events behind any of `taints` (None = a finite value)."""
+    return frozenset().union(*(t for t in taints if t))
+
+
 def _earliest(events) -> _Event | None:
     """The earliest op or input event, else the earliest constant one."""
-    events = [e for e in events if e is not None]
-    causes = [e for e in events if e.kind != "constant"] or events
+    events = list(events)
+    causes = [e for e in events if e.kind != "constant"] or list(events)
     return min(causes, key=lambda e: e.index, default=None)
 
 

@@ -7,21 +7,35 @@ Design
    state's structure without computing anything, and the bundle's arrays fill
    it leaf by leaf (paths, dtypes and shapes must all match).
 2. Reproduce. The jitted `train_step` runs on the bundle's batch. It must flag
-   the step non-finite again, with the same loss (NaN matches NaN) as the run
+   the step non-finite (or stalled) again, with the same loss (NaN matches NaN) as the run
    recorded; the report says whether it did.
-3. Localize. `localize_nonfinite` interprets the step's gradient computation
+3. Localize. `localize` interprets the step's gradient computation
    (`microbatch_grads`: forward, objective, backward; the loss is returned
-   first so ops the loss depends on read as forward) op by op in execution
-   order and returns the first op whose inputs were all finite and whose
-   output was not. If the gradients are finite, the failure is in the update
-   (finite gradients, non-finite new parameters), so the optimizer update is
-   localized next.
+   first so ops the loss depends on read as forward) op by op. When the loss
+   is non-finite the origin is the first non-finite value on the loss's own
+   (forward) dependency path; a value that the backward pass made non-finite
+   on its own is reported beside it as the "first backward overflow". With
+   a finite loss the origin is the first op whose inputs were all finite and
+   whose output was not. If the gradients are finite, the failure is in the
+   update (non-finite new parameters or optimizer moments), so the optimizer
+   update is localized next.
 4. Explain. The op's cause comes from `causes.classify`. The metrics history
    in the bundle goes through `classify_divergence`: when the gradient norm or
    loss was blowing up *and* the bad op is a plain fp32 range failure (fp32
    overflowing means values diverged, not that the format is too narrow) or
    the update itself, the headline cause is `exploding_update`. A low
    precision overflow stays a format problem even if the loss was rising.
+5. Remedy. `remedies.suggest` turns the cause into config keys this run can
+   change, from the run's own config and telemetry (policy, loss-scale mode
+   and scale, lr, clipping, the step, the tensor that overflowed). For an
+   fp16 overflow in the backward pass, the localizer runs once more at a
+   256x smaller loss scale: if the overflow goes away the scale made it.
+
+Step numbering: a step is named by `state.step` after it, 1-based, as
+metrics.jsonl, the progress bar and summary.json's `failed_step` name it
+("step k" is the k-th update attempt). The bundle's meta.json keeps the
+0-based index (`state.step` before the step, which seeds its RNG); every
+line and JSON field replay prints is 1-based.
 
 Works for runs compiled for several devices: the replay builds the step for a
 one-device mesh, and the localizer drops placement and replays on one CPU
@@ -43,29 +57,31 @@ from sandbox import config as config_lib
 from sandbox.errors import UserError
 from sandbox.forensics.bundle import Bundle, leaf_key
 from sandbox.forensics.causes import classify_divergence
-from sandbox.forensics.localize import Origin, format_origin, localize_nonfinite
-
-# Op causes that, in fp32, mean "the values diverged upstream" rather than "the format is too narrow".
-_RANGE_CAUSES = frozenset({"overflow", "invalid_operation", "exp_overflow", "nonfinite_propagated"})
+from sandbox.forensics.localize import Localization, Origin, format_origin, localize
+from sandbox.forensics.remedies import RANGE_CAUSES, SCALE_PROBE_FACTOR, Remedy, RunFacts, suggest
 
 
 @dataclasses.dataclass
 class ReplayReport:
     bundle: str
-    failed_step: int  # 0-based index of the step that failed
+    failed_step: int  # the failed step, 1-based (`state.step` after it), as metrics.jsonl and summary.json
     recorded_loss: Any
     replayed_loss: float
     reproduced: bool
     phase: str  # 'gradients' | 'update' | 'none'
     origin: Origin | None
+    first_backward: Origin | None  # a separate backward-pass event, when the origin is not one
     divergence: tuple[str, str, str] | None
     cause: str
     explanation: str
     remedy: str
+    remedies: list[Remedy] = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["origin"] = self.origin.to_dict() if self.origin else None
+        d["first_backward"] = self.first_backward.to_dict() if self.first_backward else None
+        d["remedies"] = [r.to_dict() for r in self.remedies]
         d["replayed_loss"] = _json_float(self.replayed_loss)
         d["divergence"] = list(self.divergence) if self.divergence else None
         if self.origin:
@@ -106,13 +122,18 @@ def rebuild_state(run, bundle: Bundle):
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
-def _localize_grads(ctx, state, batch, step: int, frozen=None) -> Origin | None:
+def _localize_grads(ctx, state, batch, step: int, frozen=None, scale=None) -> Localization:
+    """The first microbatch's findings that has an origin (`step`: the 0-based index seeding the RNG).
+
+    `scale`: the loss scale to replay at (default: the state's, as the step ran).
+    """
     from sandbox.train.step import microbatch_grads
 
     key = jax.random.fold_in(jax.random.key(ctx.seed), step)
     n = ctx.accum_steps
     beta = ctx.kl.beta_at(state.step) if ctx.kl else 0.0
     ref_fn = jax.jit(ctx.kl.logits) if ctx.kl else None  # one compile for all microbatches
+    scale = np.asarray(state.loss_scale.scale if scale is None else scale, np.float32)
     for i in range(n):  # microbatches in the order the step runs them
         mb = {k: v.reshape(n, v.shape[0] // n, *v.shape[1:])[i] for k, v in batch.items()}
         # The frozen reference is a constant of the step (no gradients): computed outside the localizer.
@@ -125,15 +146,14 @@ def _localize_grads(ctx, state, batch, step: int, frozen=None) -> Origin | None:
                                                          jax.random.fold_in(key, _i), _ref, beta)
             return loss, grads, observed
 
-        origin = localize_nonfinite(grads_fn, state.params, state.fp8_meta, mb["inputs"], mb["targets"],
-                                    np.asarray(state.loss_scale.scale))
-        if origin is not None:
-            return origin
-    return None
+        found = localize(grads_fn, state.params, state.fp8_meta, mb["inputs"], mb["targets"], scale)
+        if found.origin is not None:
+            return found
+    return Localization(None, None)
 
 
-def _localize_update(ctx, state, batch, step: int, frozen=None) -> Origin | None:
-    """Finite gradients but non-finite new parameters: localize the optimizer update itself."""
+def _localize_update(ctx, state, batch, step: int, frozen=None) -> Localization:
+    """Finite gradients but a non-finite new state: localize the optimizer update itself."""
     from sandbox.train.step import _accumulate
 
     key = jax.random.fold_in(jax.random.key(ctx.seed), step)
@@ -142,10 +162,42 @@ def _localize_update(ctx, state, batch, step: int, frozen=None) -> Origin | None
                                           ctx.scaler.unscale(grads, state.loss_scale)))
 
     def update(g, opt_state, params):
-        updates, _ = ctx.tx.update(ctx.policy.cast_to_param(g), opt_state, params)
-        return optax.apply_updates(params, updates)
+        updates, new_opt = ctx.tx.update(ctx.policy.cast_to_param(g), opt_state, params)
+        return optax.apply_updates(params, updates), new_opt  # Adam's moments can overflow too
 
-    return localize_nonfinite(update, grads32, state.opt_state, state.params)
+    return localize(update, grads32, state.opt_state, state.params)
+
+
+def localize_step(ctx, state, batch, step: int, frozen=None) -> tuple[str, Localization]:
+    """(phase, findings) of the step at 0-based index `step`: the gradients first, then the update."""
+    found = _localize_grads(ctx, state, batch, step, frozen)
+    if found.origin is not None:
+        return "gradients", found
+    found = _localize_update(ctx, state, batch, step, frozen)
+    return ("update" if found.origin is not None else "none"), found
+
+
+def _scale_sensitive(ctx, state, batch, step: int, frozen, event: Origin | None) -> bool | None:
+    """Whether an fp16 backward overflow goes away at a SCALE_PROBE_FACTOR smaller loss scale (None: n/a)."""
+    if event is None or event.phase != "backward" or event.dtype != "float16":
+        return None
+    smaller = float(state.loss_scale.scale) / SCALE_PROBE_FACTOR
+    again = _localize_grads(ctx, state, batch, step, frozen, scale=smaller)
+    same = [o for o in (again.origin, again.first_backward) if o is not None
+            and (o.primitive, o.name_stack, o.phase) == (event.primitive, event.name_stack, event.phase)]
+    return not same
+
+
+def _run_facts(cfg, ctx, state, step: int) -> RunFacts:
+    return RunFacts(cfg=cfg, compute_dtype=jnp.dtype(ctx.policy.compute_dtype).name,
+                    scaler_mode=ctx.scaler.mode, scale=float(state.loss_scale.scale), step=step + 1)
+
+
+def _with_remedies(origin: Origin | None, remedies: list[Remedy]) -> Origin | None:
+    """The origin with this run's remedies in place of the op's generic one."""
+    if origin is None or not remedies:
+        return origin
+    return dataclasses.replace(origin, remedy="; ".join(str(r) for r in remedies))
 
 
 def replay(bundle: Bundle) -> ReplayReport:
@@ -159,36 +211,48 @@ def replay(bundle: Bundle) -> ReplayReport:
     ctx = run.ctx
     host_state = rebuild_state(run, bundle)
     batch = {k: np.asarray(v) for k, v in bundle.batch.items()}
-    step = bundle.failed_step
+    step = bundle.failed_step  # 0-based: it seeds the step's RNG
     # A KL run's reference is loaded again from the path in its config (build() checks it).
     frozen = run.extra["frozen"][0] if run.extra["frozen"] else None
     _, metrics = jax.jit(lambda s, b, f: train_step(s, b, f, ctx=ctx))(host_state, batch, frozen)
     metrics = jax.device_get(metrics)
     loss = float(metrics["loss"])
     recorded = bundle.meta.get("recorded", {})
-    reproduced = bool(metrics["nonfinite"]) and _same(recorded.get("loss"), loss)
+    stopped = bool(metrics["nonfinite"]) or bool(metrics.get("stalled", False))  # a stall writes a bundle too
+    reproduced = stopped and _same(recorded.get("loss"), loss)
 
-    phase, origin = "gradients", _localize_grads(ctx, host_state, batch, step, frozen)
-    if origin is None:
-        phase, origin = "update", _localize_update(ctx, host_state, batch, step, frozen)
-    if origin is None:
-        phase = "none"
+    phase, found = localize_step(ctx, host_state, batch, step, frozen)
+    origin, backward = found.origin, found.first_backward
+    facts = _run_facts(bundle.cfg, ctx, host_state, step)
 
     history = [r for r in bundle.meta.get("history", []) if r.get("step", 0) <= step]  # before the bad step
+    sensitive = _scale_sensitive(ctx, host_state, batch, step, frozen, origin)
+    divergence, cause, why, fix, remedies = diagnose(dataclasses.replace(facts, scale_sensitive=sensitive),
+                                                     phase, origin, history)
+    if backward is not None:
+        sensitive = _scale_sensitive(ctx, host_state, batch, step, frozen, backward)
+        backward = _with_remedies(backward, suggest(dataclasses.replace(facts, scale_sensitive=sensitive),
+                                                    backward.cause, backward, phase))
+    if remedies:
+        fix = "; ".join(str(r) for r in remedies)
+    return ReplayReport(str(bundle.path), step + 1, recorded.get("loss"), loss, reproduced, phase,
+                        _with_remedies(origin, remedies), backward, divergence, cause, why, fix, remedies)
+
+
+def diagnose(facts: RunFacts, phase: str, origin: Origin | None, history: list[dict]):
+    """(divergence, cause, explanation, generic fix, remedies) from the origin and the metrics before it."""
     divergence = classify_divergence([_num(r.get("grad_norm")) for r in history],
                                      [_num(r.get("loss")) for r in history])
-    fp32_range = origin is not None and origin.cause in _RANGE_CAUSES and jnp.dtype(origin.dtype) == jnp.float32
+    fp32_range = origin is not None and origin.cause in RANGE_CAUSES and jnp.dtype(origin.dtype) == jnp.float32
     if divergence and (origin is None or phase == "update" or fp32_range):
         cause, why, fix = divergence
         if origin is not None:
             why += f" The first non-finite value then appeared at {origin.primitive} in {origin.name_stack}."
-    elif origin is not None:
-        cause, why, fix = origin.cause, origin.explanation, origin.remedy
-    else:
-        cause, why, fix = ("not_reproduced", "Replaying the step op by op on the CPU gave no non-finite value.",
-                           "The failure may depend on a fused accelerator kernel; replay on the original device.")
-    return ReplayReport(str(bundle.path), step, recorded.get("loss"), loss, reproduced, phase, origin,
-                        divergence, cause, why, fix)
+        return divergence, cause, why, fix, suggest(facts, cause, origin, phase, diverging=True)
+    if origin is not None:
+        return divergence, origin.cause, origin.explanation, origin.remedy, suggest(facts, origin.cause, origin, phase)
+    return (divergence, "not_reproduced", "Replaying the step op by op on the CPU gave no non-finite value.",
+            "The failure may depend on a fused accelerator kernel; replay on the original device.", [])
 
 
 def _num(v) -> float:
@@ -199,12 +263,17 @@ def _num(v) -> float:
 
 
 def format_report(r: ReplayReport) -> str:
-    lines = [f"bundle {r.bundle}: step {r.failed_step + 1} (0-based {r.failed_step})",
+    lines = [f"bundle {r.bundle}: step {r.failed_step} (numbered as in metrics.jsonl)",
              f"reproduced: {'yes' if r.reproduced else 'NO'} (recorded loss {r.recorded_loss}, "
              f"replayed loss {r.replayed_loss})",
-             f"cause: {r.cause}", f"  {r.explanation}", f"  remedy: {r.remedy}"]
+             f"cause: {r.cause}", f"  {r.explanation}"]
+    lines += [f"  remedy: {x}" for x in (r.remedies or [r.remedy])]
     if r.origin is not None:
         lines += ["", f"origin (in the {r.phase} computation):", format_origin(r.origin)]
+    if r.first_backward is not None:
+        lines += ["", "first backward overflow (a separate event: the backward pass made this value "
+                      "non-finite on its own; the origin above is what the loss depends on):",
+                  format_origin(r.first_backward, "First backward overflow")]
     if r.divergence and r.divergence[0] != r.cause:
         lines += ["", f"also: {r.divergence[1]}"]
     return "\n".join(lines)

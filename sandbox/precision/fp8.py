@@ -39,7 +39,10 @@ and the dot (a convert to f32, say) silently gives a wide GEMM. That is why
 the dot has its own custom_vjp (`fp8_dot`): plain autodiff of an
 f32-accumulating dot converts both operands to f32 before the two backward
 GEMMs. With it, both backward GEMMs read the dequantized e5m2 gradient and a
-dequantized e4m3 operand, so all three GEMMs of a layer can run in fp8.
+dequantized e4m3 operand, so all three GEMMs of a layer can run in fp8. A dot
+with a wider output (the head's fp32 logits) still quantizes its gradient in
+the compute dtype; the bf16 -> fp32 -> bf16 convert pair around the custom_vjp
+boundary is a no-op that XLA's simplifier removes.
 
 State. Per fp8 dot there are three tensors, `input`, `kernel`, `output_grad`,
 each with `{name}_amax_history` (fp32 [history_len]) and `{name}_scale` (fp32
@@ -150,21 +153,29 @@ def _in_qdq_bwd(q_dtype, res, g):
 in_qdq.defvjp(_in_qdq_fwd, _in_qdq_bwd)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(0,))
-def out_grad_qdq(q_dtype, y, scale, amax_history):
-    """Identity forward; in backward, qdq the incoming gradient and report its amax."""
-    del q_dtype, scale, amax_history
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def out_grad_qdq(q_dtype, compute_dtype, y, scale, amax_history):
+    """Identity forward; in backward, qdq the incoming gradient and report its amax.
+
+    The gradient is quantized and dequantized in the dot's `compute_dtype`
+    (like Flax's out_qdq), whatever the output dtype: a head whose logits
+    leave the dot in fp32 still records the same amax and feeds its backward
+    GEMMs the same bf16(e5m2) * bf16(1/scale) values as a bf16-output dot.
+    """
+    del q_dtype, compute_dtype, scale, amax_history
     return y
 
 
-def _out_grad_qdq_fwd(q_dtype, y, scale, amax_history):
+def _out_grad_qdq_fwd(q_dtype, compute_dtype, y, scale, amax_history):
     return y, (scale, jnp.zeros_like(amax_history))
 
 
-def _out_grad_qdq_bwd(q_dtype, res, g):
+def _out_grad_qdq_bwd(q_dtype, compute_dtype, res, g):
     scale, zero_history = res
-    observed = zero_history.at[0].set(_amax(g))
-    return qdq(g, q_dtype, scale, g.dtype), jnp.zeros_like(scale), observed
+    g_compute = g.astype(compute_dtype)  # the tensor actually quantized, so its amax is the one recorded
+    observed = zero_history.at[0].set(_amax(g_compute))
+    g_qdq = qdq(g_compute, q_dtype, scale, compute_dtype).astype(g.dtype)
+    return g_qdq, jnp.zeros_like(scale), observed
 
 
 out_grad_qdq.defvjp(_out_grad_qdq_fwd, _out_grad_qdq_bwd)
@@ -290,7 +301,7 @@ class Fp8DotGeneral(nn.Module):
             quantized.append(in_qdq(self.fwd_dtype, x, scale, history))
         out_dtype = jnp.dtype(preferred_element_type or compute_dtype)
         out = fp8_dot(*quantized, dimension_numbers, precision, out_dtype)
-        return out_grad_qdq(self.bwd_dtype, out, *self._meta("output_grad"))
+        return out_grad_qdq(self.bwd_dtype, jnp.dtype(compute_dtype), out, *self._meta("output_grad"))
 
     def update_meta(self, meta, observed, amax_compute_algo="max"):
         """update_fp8_meta with this layer's formats and margin, so they cannot disagree."""

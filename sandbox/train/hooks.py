@@ -8,8 +8,12 @@ Events, each called with keyword arguments:
   with the last call of a batch only (None otherwise).
 * `on_eval(step, metrics, state)`: after each validation pass.
 * `on_overflow(step, metrics, state)`: the loss scaler skipped a step (metrics: the
-  overflow event: scale before and after, parameters with non-finite gradients).
-* `on_nonfinite(step, metrics, state)`: a non-finite loss/grad/param (a failure).
+  overflow event: the scale this step used and the one the next step uses, read
+  from the state, and the count and names of the non-finite gradients).
+* `on_nonfinite(step, metrics, state)`: a non-finite loss, gradient or new-state leaf
+  (params, optimizer state, fp8 meta, loss scale): a failure, or a skip under nan_policy=skip.
+
+`step` is always `state.step` after the step (1-based), as in metrics.jsonl.
 * `on_checkpoint(step, path, state)`: a checkpoint was written.
 
 A hook is an object with any of these methods, or a plain function

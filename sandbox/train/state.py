@@ -22,7 +22,11 @@ class GuardState(NamedTuple):
     skipped_nonfinite: jax.Array  # int32: updates dropped by nan_policy=skip
     skipped_overflow: jax.Array  # int32: updates dropped by the loss scaler (not failures)
     skipped_spikes: jax.Array  # int32: updates dropped as loss spikes
-    loss_window: jax.Array  # fp32 [W]: recent losses for spike detection (NaN = empty)
+    loss_window: jax.Array  # fp32 [W]: recent losses for spike detection (NaN = empty: the only
+    #                          non-finite values a saved state may hold)
+    consecutive_skips: jax.Array  # int32: steps in a row that applied no update (any reason)
+    floor_overflows: jax.Array  # int32: overflows in a row that began at the scaler's min_scale
+    stalled_step: jax.Array  # int32: step (0-based) at which the run stopped updating for good, -1 if none
 
 
 class TrainState(NamedTuple):
@@ -62,6 +66,7 @@ def init_state(model: GPT, tx: optax.GradientTransformation, scaler: LossScaler,
     variables = model.init(jax.random.key(seed), tokens)
     params = variables["params"]
     fp8_meta = variables.get("fp8_meta", {})
-    guard = GuardState(jnp.int32(-1), jnp.int32(0), jnp.int32(0), jnp.int32(0),
-                       jnp.full((spike_window,), jnp.nan, jnp.float32))
+    guard = GuardState(failed_step=jnp.int32(-1), skipped_nonfinite=jnp.int32(0), skipped_overflow=jnp.int32(0),
+                       skipped_spikes=jnp.int32(0), loss_window=jnp.full((spike_window,), jnp.nan, jnp.float32),
+                       consecutive_skips=jnp.int32(0), floor_overflows=jnp.int32(0), stalled_step=jnp.int32(-1))
     return TrainState(jnp.int32(0), jnp.int32(0), params, tx.init(params), scaler.init(), fp8_meta, guard)

@@ -11,7 +11,9 @@ One step, in order:
    observed this step (as cotangents of the fp8 meta, see precision/fp8.py);
    microbatches are summed (grads) and max-reduced (amaxes);
 4. gradients unscaled in fp32, checked, clipped and applied by optax;
-5. guards: a non-finite loss, gradient or new parameter never enters the
+5. guards: a non-finite loss or gradient, or a non-finite leaf anywhere in
+   the new state (parameters, optimizer moments: a finite gradient of 1e20
+   squares to inf in Adam's nu, fp8 meta, loss scale), never enters the
    state. Skips are a select between old and new state (0 x NaN is NaN).
    With a dynamic loss scaler a non-finite gradient is a normal overflow
    event (skip, back off); otherwise it is a failure, recorded in
@@ -19,6 +21,17 @@ One step, in order:
    freezes, so the state the host reads later is exactly the state before
    the bad step (the bundle needs it; the host reads flags only at log
    intervals, never inside the step).
+6. stall: `guard.consecutive_skips` counts steps in a row that applied no
+   update (overflow, nan_policy=skip, spike), `guard.floor_overflows` the
+   overflows in a row that began at the scaler's min_scale. Past either
+   limit (forensics.max_skipped_steps / min_scale_overflows) the step is a
+   stall: recorded in `guard.stalled_step`, and the state freezes whatever
+   the nan_policy, since a run that cannot update is not training. So is the
+   run's last step (`total_steps`) when no step of the run applied an update.
+
+Step numbering: `guard.failed_step`/`stalled_step` hold the 0-based index of
+the step (`state.step` before it); the host names a step by `state.step`
+after it (1-based, as metrics.jsonl rows do), so step index k is "step k+1".
 
 Everything returned in `metrics` is an array; the loop reads it to the host
 at log intervals.
@@ -57,6 +70,9 @@ class StepContext:
     nan_policy: str = "capture"
     skip_spikes: bool = False
     spike_sigma: float = 6.0
+    max_skipped_steps: int = 100  # stall after more consecutive steps without an update (0 = never)
+    min_scale_overflows: int = 3  # stall after this many overflows in a row at min_scale (0 = never)
+    total_steps: int = 0  # the run's last step stalls if no step applied an update (0 = no such check)
     collect_stats: bool = False  # per-block activation statistics
     guard: bool = True  # False only to measure the guard's cost (scripts/bench_step.py): updates always applied
     naive_log_softmax: bool = False  # teaching ablation: the loss takes log(softmax) (objectives.py)
@@ -172,6 +188,32 @@ def _spike(ctx: StepContext, window, loss):
     return (n >= window.shape[0] // 2) & (loss > mean + ctx.spike_sigma * jnp.sqrt(var))
 
 
+def _run_length(count, hit, held):
+    """A counter of consecutive hits: +1 on a hit, 0 otherwise, unchanged while the state is held."""
+    return jnp.where(held, count, jnp.where(hit, count + 1, 0)).astype(count.dtype)
+
+
+def guarded_tree(grads, params, opt_state, fp8_meta, loss_scale) -> dict:
+    """What the guard checks, by name: the gradients and every part of the candidate new state.
+
+    The loop names the leaves of `nonfinite_leaves` from this same structure (loop.guard_leaf_names).
+    """
+    return {"grads": grads, "params": params, "opt_state": opt_state, "fp8_meta": fp8_meta,
+            "loss_scale": loss_scale}
+
+
+def _stall(ctx: StepContext, consecutive_skips, floor_overflows, step, opt_step):
+    """bool []: the run can no longer update (see the module doc, 6.). `opt_step`: updates after this step."""
+    stall = jnp.bool_(False)
+    if ctx.total_steps > 0:  # a run shorter than the limits still never ends `finished` without an update
+        stall = stall | ((step + 1 >= ctx.total_steps) & (opt_step == 0))
+    if ctx.max_skipped_steps > 0:
+        stall = stall | (consecutive_skips > ctx.max_skipped_steps)
+    if ctx.min_scale_overflows > 0:
+        stall = stall | (floor_overflows >= ctx.min_scale_overflows)
+    return stall
+
+
 def train_step(state: TrainState, batch, frozen=None, *, ctx: StepContext):
     """`frozen`: the KL reference's {"params", "fp8_meta"} (not donated, not in the state), or None."""
     policy, scaler = ctx.policy, ctx.scaler
@@ -181,34 +223,48 @@ def train_step(state: TrainState, batch, frozen=None, *, ctx: StepContext):
 
     loss_finite = jnp.isfinite(loss)
     grads_finite = all_finite(grads32)
-    dynamic = scaler.mode == "dynamic"
+    dynamic = scaler.mode == "dynamic"  # a Python bool: static, so it selects code, never arrays
     updates, new_opt = ctx.tx.update(policy.cast_to_param(grads32), state.opt_state, state.params)
     new_opt = jax.tree.map(lambda n, o: n.astype(o.dtype), new_opt, state.opt_state)
     new_params = optax.apply_updates(state.params, updates)
-    params_finite = all_finite(new_params) if ctx.guard else jnp.bool_(True)
-
-    overflow = loss_finite & ~grads_finite & dynamic  # the scaler's business, not a failure
-    failure = ~loss_finite | (~grads_finite & ~dynamic) | (grads_finite & ~params_finite)
-    spike = _spike(ctx, state.guard.loss_window, loss) & loss_finite
-    guard = state.guard
-    frozen = (guard.failed_step >= 0) & (ctx.nan_policy != "skip")  # halt/capture: keep pre-failure state
-    apply = grads_finite & loss_finite & params_finite & ~spike & ~frozen
-    if not ctx.guard:  # constant: XLA folds the selects below away
-        apply = jnp.bool_(True)
-
     new_meta = state.fp8_meta
     if state.fp8_meta:
         f = policy.fp8
         new_meta = update_fp8_meta(state.fp8_meta, observed, f.amax_algo, FP8_DTYPES[f.fwd_dtype],
                                    FP8_DTYPES[f.bwd_dtype], f.margin)
-    new_scale = select_tree(frozen | failure, state.loss_scale, scaler.update(state.loss_scale, grads_finite))
-    first_failure = failure & ~frozen & (guard.failed_step < 0)
+    scaled = scaler.update(state.loss_scale, grads_finite)
+    candidate = guarded_tree(grads32, new_params, new_opt, new_meta, scaled)
+    state_finite = all_finite({k: v for k, v in candidate.items() if k != "grads"}) if ctx.guard \
+        else jnp.bool_(True)
+
+    # With a dynamic scaler a non-finite gradient is the scaler's business (skip, back off), not a failure.
+    overflow = (loss_finite & ~grads_finite) if dynamic else jnp.bool_(False)
+    failure = ~loss_finite | (grads_finite & ~state_finite)
+    if not dynamic:
+        failure = failure | ~grads_finite
+    spike = _spike(ctx, state.guard.loss_window, loss) & loss_finite
+    guard = state.guard
+    halted = (guard.failed_step >= 0) & (ctx.nan_policy != "skip")  # halt/capture: keep pre-failure state
+    held = halted | (guard.stalled_step >= 0)
+    apply = grads_finite & loss_finite & state_finite & ~spike & ~held
+    if not ctx.guard:  # constant: XLA folds the selects below away
+        apply = jnp.bool_(True)
+    consecutive_skips = _run_length(guard.consecutive_skips, ~apply, held)
+    at_floor = state.loss_scale.scale <= scaler.min_scale
+    floor_overflows = _run_length(guard.floor_overflows, overflow & at_floor, held)
+    stall = _stall(ctx, consecutive_skips, floor_overflows, state.step, state.opt_step + apply) & ~held
+
+    new_scale = select_tree(held | failure | stall, state.loss_scale, scaled)
+    first_failure = failure & ~held & (guard.failed_step < 0)
     new_guard = GuardState(
         failed_step=jnp.where(first_failure, state.step, guard.failed_step),
-        skipped_nonfinite=guard.skipped_nonfinite + (failure & ~frozen),
-        skipped_overflow=guard.skipped_overflow + (overflow & ~frozen),
-        skipped_spikes=guard.skipped_spikes + (spike & ~frozen),
+        skipped_nonfinite=guard.skipped_nonfinite + (failure & ~held),
+        skipped_overflow=guard.skipped_overflow + (overflow & ~held),
+        skipped_spikes=guard.skipped_spikes + (spike & ~held),
         loss_window=jnp.where(apply, jnp.roll(guard.loss_window, 1).at[0].set(loss), guard.loss_window),
+        consecutive_skips=consecutive_skips,
+        floor_overflows=floor_overflows,
+        stalled_step=jnp.where(stall, state.step, guard.stalled_step),
     )
     new_state = TrainState(
         step=state.step + 1,
@@ -225,15 +281,17 @@ def train_step(state: TrainState, batch, frozen=None, *, ctx: StepContext):
         "grad_norm": optax.tree.norm(grads32),
         "lr": ctx.schedule(state.opt_step),
         "loss_scale": state.loss_scale.scale,
-        "overflow": overflow & ~frozen,
-        "nonfinite": failure & ~frozen,
-        "spike": spike & ~frozen,
+        "overflow": overflow & ~held,
+        "nonfinite": failure & ~held,
+        "spike": spike & ~held,
         "applied": apply,
-        "failed_step": new_guard.failed_step,
+        "stalled": stall,
         **{k: v for k, v in aux.items() if k != "loss"},
     }
-    if ctx.guard and (dynamic or ctx.nan_policy != "skip"):
-        metrics["nonfinite_leaves"] = jnp.stack(jax.tree.leaves(nonfinite_leaf_mask(grads32)))
+    if dynamic:  # the scale the next step uses, min_scale floor included (the overflow event reports it)
+        metrics["loss_scale_after"] = new_scale.scale
+    if ctx.guard:  # which tensors were non-finite, named on the host from guarded_tree's structure
+        metrics["nonfinite_leaves"] = jnp.stack(jax.tree.leaves(nonfinite_leaf_mask(candidate)))
     if policy.telemetry:
         # in fp32 whatever the param dtype (a bf16 norm is itself rounded)
         metrics["update_ratio"] = (optax.tree.norm(_to_f32(updates))

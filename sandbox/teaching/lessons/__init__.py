@@ -15,16 +15,19 @@ with overrides that put the run under the lesson's output folder and switch
 the progress bar off. `quick=True` shortens runs for the tests; thresholds
 are chosen so that the verdict holds in both modes.
 
-Plots are written with matplotlib's Agg backend (no display needed) as PNG.
+Plots are written with matplotlib's Agg backend (no display needed) as PNG, with
+an SVG copy beside each for print; every axes has a title (`save_figure` checks).
 """
 
 from __future__ import annotations
 
 import importlib
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from sandbox.errors import UserError
+from sandbox.rundir import atomic_write
 
 REPO = Path(__file__).resolve().parents[3]
 EXPERIMENTS = REPO / "experiments" / "lessons"
@@ -107,23 +110,36 @@ def new_figure(ncols: int = 1):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, ncols, figsize=(5.5 * ncols, 4), squeeze=False)
+    fig, axes = plt.subplots(1, ncols, figsize=(5.5 * ncols, 4), squeeze=False, layout="constrained")
     return fig, list(axes[0])
 
 
 def save_figure(fig, path: Path) -> Path:
+    """Writes `path` (PNG) and the same figure as SVG beside it; returns the PNG's path.
+
+    Every axes must have a title (a teacher projects these plots): an untitled
+    one is a ValueError and nothing is written.
+    """
     import matplotlib.pyplot as plt
 
     path = Path(path)
+    untitled = [i for i, ax in enumerate(fig.axes, 1) if not ax.get_title().strip()]
+    if untitled:
+        plt.close(fig)
+        raise ValueError(f"{path.name}: axes {untitled[0]} of {len(fig.axes)} has no title")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    for fmt, target in (("png", path), ("svg", path.with_suffix(".svg"))):
+        buf = io.BytesIO()
+        fig.savefig(buf, format=fmt, dpi=100, metadata={"Date": None} if fmt == "svg" else None)
+        atomic_write(target, buf.getvalue())
     plt.close(fig)
     return path
 
 
 def plot_runs(run_dirs: dict, metric: str, metric_label: str, path: Path, log_loss: bool = False) -> Path:
     """Two panels over training steps, one line per run: `metric`, and the train loss."""
+    from matplotlib.ticker import MaxNLocator
+
     fig, (ax_m, ax_loss) = new_figure(2)
     for name, run_dir in run_dirs.items():
         rows = train_rows(run_dir)
@@ -132,9 +148,11 @@ def plot_runs(run_dirs: dict, metric: str, metric_label: str, path: Path, log_lo
         (ax_loss.semilogy if log_loss else ax_loss.plot)(steps, [r["loss"] for r in rows], marker="o", ms=3,
                                                           label=name)
     ax_m.set_ylabel(metric_label)
+    ax_m.set_title(f"{metric_label} per step")
     ax_loss.set_ylabel("train loss (nats)")
+    ax_loss.set_title("train loss per step" + (" (log scale)" if log_loss else ""))
     for ax in (ax_m, ax_loss):
         ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend()
     return save_figure(fig, path)
-

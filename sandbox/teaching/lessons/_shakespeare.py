@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from sandbox.data import builtin
+from sandbox.infotheory import log_softmax
 from sandbox.teaching.lessons import train_lesson_run
 
 
@@ -20,9 +22,14 @@ def trained_model(out_dir: Path, quick: bool):
     return result, cfg, GPT(cfg.model, make_policy(cfg.precision))
 
 
+def corpus_bytes(cfg) -> bytes:
+    """The run's corpus file (a `builtin:NAME` resolved to the shipped copy)."""
+    return builtin.resolve(cfg.data.paths[0]).read_bytes()
+
+
 def heldout_text(cfg, n_bytes: int) -> bytes:
     """The first n_bytes of the validation tail of the corpus (text the model never trained on)."""
-    data = Path(cfg.data.paths[0]).read_bytes()
+    data = corpus_bytes(cfg)
     start = int(len(data) * (1 - cfg.data.val_fraction))
     return data[start:start + n_bytes + 1]
 
@@ -37,4 +44,4 @@ def logprobs(model, params, cfg, text: bytes) -> tuple[np.ndarray, np.ndarray]:
     inputs = ids[: n * T].reshape(n, T)
     targets = ids[1: n * T + 1].reshape(n, T)
     logits = jax.jit(lambda p, x: model.apply({"params": p}, x))(params, inputs)
-    return np.asarray(jax.nn.log_softmax(logits.astype("float32"))).reshape(n * T, -1), targets.reshape(-1)
+    return np.asarray(log_softmax(logits)).reshape(n * T, -1), targets.reshape(-1)

@@ -22,6 +22,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from scipy import special
 
 from sandbox.teaching.lessons import LessonResult, new_figure, save_figure
 
@@ -72,13 +73,13 @@ def fit(direction: str, steps: int, init=(0.5, 0.0)) -> tuple[float, float]:
 
 
 def density(mean: float, std: float) -> np.ndarray:
-    w = np.exp(-0.5 * ((GRID - mean) / std) ** 2)
-    return w / w.sum()
+    """q on the grid; normalised max-shifted, so a mean far off the grid gives no 0/0."""
+    return special.softmax(-0.5 * ((GRID - mean) / std) ** 2)
 
 
 def target() -> np.ndarray:
-    w = sum(np.exp(-0.5 * ((GRID - m) / MODE_STD) ** 2) for m in MODES)
-    return w / w.sum()
+    """p on the grid, the mixture formed in log space like the fit's."""
+    return special.softmax(np.logaddexp.reduce([-0.5 * ((GRID - m) / MODE_STD) ** 2 for m in MODES], axis=0))
 
 
 def mode_mass(q: np.ndarray) -> tuple[float, ...]:
@@ -106,6 +107,7 @@ def run(out_dir: Path, quick: bool = False) -> LessonResult:
         ax.plot(GRID, density(*fits[d]), ls, label=f"q fitted by {d} KL")
     ax.set_xlabel("x")
     ax.set_ylabel("probability per grid cell")
+    ax.set_title("forward KL covers both modes, reverse KL picks one")
     ax.legend()
     res.plots.append(save_figure(fig, out_dir / "kl_direction.png"))
     return res

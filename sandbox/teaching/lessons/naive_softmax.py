@@ -61,6 +61,7 @@ def run(out_dir: Path, quick: bool = False) -> LessonResult:
             ax.axvline(s, color="red", ls=":", label="non-finite loss (naive)")
     ax.set_xlabel("step")
     ax.set_ylabel("train loss (nats)")
+    ax.set_title("fp16 softmax: naive overflows to non-finite, stable trains")
     ax.legend()
     res.plots.append(save_figure(fig, out_dir / "naive_softmax.png"))
     return res

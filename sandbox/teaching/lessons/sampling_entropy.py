@@ -71,6 +71,7 @@ def run(out_dir: Path, quick: bool = False) -> LessonResult:
     ax.bar(list(H), list(H.values()), color=["C0", "C1", "C2", "C3", "C4"])
     ax.axhline(ce, color="grey", ls=":", label=f"held-out cross-entropy {ce:.2f}")
     ax.set_ylabel("mean entropy of the sampling distribution (nats/byte)")
+    ax.set_title("entropy of what is sampled, per sampling setting")
     ax.legend()
     res.plots.append(save_figure(fig, out_dir / "sampling_entropy.png"))
     return res

@@ -10,12 +10,14 @@ Two comparisons on held-out Shakespeare:
    whitespace runs, single punctuation marks). Total nats are identical, so
    bits per byte match exactly, but perplexity per word-level token is far
    larger than per byte, only because there are fewer tokens.
-2. Two different models. A byte unigram model and a word unigram model (unseen
+2. Three different models. A byte unigram model, a word unigram model (unseen
    words spelt out by the byte unigram after an <unk> token, so every string
-   has a probability), both counted on the training split. The word model has
-   the larger perplexity per token yet needs fewer bits per byte: it is the
-   better model. Only a per-byte (or per-character) unit compares models with
-   different tokenizers.
+   has a probability) and a unigram over the sandbox's trained BPE tokenizer
+   (`data.tokenizer: bpe`, 512 tokens), all counted on the training split. The
+   word and BPE models have the larger perplexity per token yet need fewer
+   bits per byte: they are the better models. Only a per-byte (or
+   per-character) unit compares models with different tokenizers, which is
+   why runs report `val_bits_per_byte`.
 """
 
 from __future__ import annotations
@@ -27,19 +29,21 @@ from pathlib import Path
 
 import numpy as np
 
+from sandbox.data.tokenizer import BPETokenizer
 from sandbox.teaching.lessons import LessonResult, new_figure, save_figure
-from sandbox.teaching.lessons._shakespeare import heldout_text, logprobs, trained_model
+from sandbox.teaching.lessons._shakespeare import corpus_bytes, heldout_text, logprobs, trained_model
 
 NAME = "tokenizer_perplexity"
 TITLE = "Perplexity depends on the tokenizer: the same text per byte and per word-level token"
 NARRATIVE = """\
 Perplexity = exp(nats per token). Change what a token is and the number changes, even for the same
 model and text. We score held-out Shakespeare with a byte-level model, then regroup the same
-log-probabilities into word-level tokens; and we compare a byte unigram with a word unigram model.
+log-probabilities into word-level tokens; and we compare byte, word and BPE unigram models.
 Look at perplexity per token next to bits per byte: only the second compares across tokenizers."""
 
 WORD_RE = re.compile(rb"[A-Za-z']+|\s+|[^A-Za-z'\s]")
 LN2 = math.log(2)
+BPE_VOCAB = 512
 
 
 def word_tokens(text: bytes) -> list[bytes]:
@@ -62,7 +66,16 @@ def unigram_bits(train: bytes, test: bytes) -> dict:
             word_nats -= math.log((1 - p_unk) * words[w] / total)
         else:  # <unk>, then the word spelt out by the byte unigram
             word_nats -= math.log(p_unk) + float(logp_byte[np.frombuffer(w, np.uint8)].sum())
-    return {"byte": (byte_nats, len(test_ids)), "word": (word_nats, len(word_tokens(test)))}
+    return {"byte": (byte_nats, len(test_ids)), "word": (word_nats, len(word_tokens(test))),
+            "bpe": bpe_unigram_nats(train, test)}
+
+
+def bpe_unigram_nats(train: bytes, test: bytes) -> tuple[float, int]:
+    """(total nats, tokens) of `test` under an add-one unigram over a BPE trained on `train`."""
+    tok = BPETokenizer.train(train.decode("utf-8"), BPE_VOCAB)
+    counts = np.bincount(tok.encode(train.decode("utf-8")), minlength=tok.vocab_size) + 1.0
+    test_ids = tok.encode(test.decode("utf-8"))
+    return -float(np.log(counts / counts.sum())[test_ids].sum()), len(test_ids)
 
 
 def run(out_dir: Path, quick: bool = False) -> LessonResult:
@@ -73,33 +86,41 @@ def run(out_dir: Path, quick: bool = False) -> LessonResult:
     text = heldout_text(cfg, 32 * cfg.model.context)
     logp, targets = logprobs(model, result.state.params, cfg, text)
     scored = text[1:len(targets) + 1]  # the bytes that were predicted
-    nats = float(-logp[np.arange(len(targets)), targets].sum())
-    n_bytes, n_words = len(scored), len(word_tokens(scored))
-    ppl_byte, ppl_word = math.exp(nats / n_bytes), math.exp(nats / n_words)
+    byte_nats = -logp[np.arange(len(targets)), targets].astype(np.float64)
+    # A word-level token's nats: the sum over its bytes (chain rule), so a tokenization
+    # that skipped or repeated bytes would show up as a bits-per-byte mismatch below.
+    word_nats = np.array([byte_nats[a:b].sum() for a, b in (m.span() for m in WORD_RE.finditer(scored))])
+    nats = float(byte_nats.sum())
+    n_bytes, n_words = len(scored), len(word_nats)
+    ppl_byte, ppl_word = math.exp(nats / n_bytes), math.exp(float(word_nats.mean()))
     bpb_byte = nats / LN2 / n_bytes
-    bpb_word = (nats / n_words) / LN2 * n_words / n_bytes  # per-token bits times tokens per byte
+    bpb_word = float(word_nats.sum()) / LN2 / n_bytes
     res.check("same model: perplexity per word-level token >= 3x perplexity per byte",
               f"{ppl_word:.1f} per word-token vs {ppl_byte:.2f} per byte ({n_words} vs {n_bytes} tokens)",
               ppl_word >= 3 * ppl_byte)
     res.check("same model: bits per byte identical under both tokenizations",
               f"{bpb_word:.4f} vs {bpb_byte:.4f} bits/byte", abs(bpb_word - bpb_byte) < 1e-9 * max(bpb_byte, 1))
 
-    data = Path(cfg.data.paths[0]).read_bytes()
+    data = corpus_bytes(cfg)
     train = data[: int(len(data) * (1 - cfg.data.val_fraction))]
     uni = unigram_bits(train, scored)
     ppl = {k: math.exp(n / c) for k, (n, c) in uni.items()}
     bpb = {k: n / LN2 / n_bytes for k, (n, _) in uni.items()}
-    res.check("unigrams: the word model has the larger perplexity per token but fewer bits per byte",
-              f"ppl/token word {ppl['word']:.1f} vs byte {ppl['byte']:.1f}; bits/byte word {bpb['word']:.3f} "
-              f"vs byte {bpb['byte']:.3f}", ppl["word"] > ppl["byte"] and bpb["word"] < bpb["byte"])
+    res.check("unigrams: the word and BPE models have the larger perplexity per token but fewer bits per byte",
+              f"ppl/token word {ppl['word']:.1f}, BPE {ppl['bpe']:.1f} vs byte {ppl['byte']:.1f}; bits/byte "
+              f"word {bpb['word']:.3f}, BPE {bpb['bpe']:.3f} vs byte {bpb['byte']:.3f}",
+              all(ppl[k] > ppl["byte"] and bpb[k] < bpb["byte"] for k in ("word", "bpe")))
 
     fig, (ax_ppl, ax_bpb) = new_figure(2)
-    labels = ["trained, per byte", "trained, per word", "unigram bytes", "unigram words"]
-    ax_ppl.bar(labels, [ppl_byte, ppl_word, ppl["byte"], ppl["word"]], color=["C0", "C0", "C1", "C2"])
+    labels = ["trained, per byte", "trained, per word", "unigram bytes", "unigram words", f"unigram BPE-{BPE_VOCAB}"]
+    colors = ["C0", "C0", "C1", "C2", "C3"]
+    ax_ppl.bar(labels, [ppl_byte, ppl_word, ppl["byte"], ppl["word"], ppl["bpe"]], color=colors)
     ax_ppl.set_yscale("log")
     ax_ppl.set_ylabel("perplexity per token")
-    ax_bpb.bar(labels, [bpb_byte, bpb_word, bpb["byte"], bpb["word"]], color=["C0", "C0", "C1", "C2"])
+    ax_bpb.bar(labels, [bpb_byte, bpb_word, bpb["byte"], bpb["word"], bpb["bpe"]], color=colors)
     ax_bpb.set_ylabel("bits per byte of text")
+    ax_ppl.set_title("perplexity per token: depends on the tokenizer")
+    ax_bpb.set_title("bits per byte: comparable across tokenizers")
     for ax in (ax_ppl, ax_bpb):
         ax.tick_params(axis="x", rotation=20)
     res.plots.append(save_figure(fig, out_dir / "tokenizer_perplexity.png"))

@@ -1,0 +1,43 @@
+"""Golden curves: 30 steps of each shipped policy (plus an fp16 overflow run, a KL run and a failure
+bundle) must stay bit-identical to tests/golden/curves.json across refactors.
+
+The curves were recorded before the architecture change of issue 16 (`python -m tests.golden.runs
+--record`); a change that is meant to alter the numerics re-records them and says why. A default
+subset runs in every test run; `-m slow` runs the rest.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.golden.runs import CURVES, RUNS, run_one
+
+GOLDEN = json.loads(CURVES.read_text())
+DEFAULT = ("fp32", "bf16", "fp16_overflow", "fp8", "failure_bundle")
+
+
+def _check(name, tmp_path_factory):
+    root = tmp_path_factory.getbasetemp() / "golden"
+    if name == "kl" and not (root / "fp32").exists():
+        run_one("fp32", root)  # the KL run's reference
+    got = run_one(name, root)
+    want = GOLDEN[name]
+    for key in want:
+        assert got[key] == want[key], f"{name}: {key} differs from the golden record"
+
+
+def test_every_golden_run_is_recorded():
+    assert set(GOLDEN) == set(RUNS)
+
+
+@pytest.mark.parametrize("name", DEFAULT)
+def test_golden_curve_is_bit_identical(name, tmp_path_factory):
+    _check(name, tmp_path_factory)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [n for n in RUNS if n not in DEFAULT])
+def test_golden_curve_is_bit_identical_slow(name, tmp_path_factory):
+    _check(name, tmp_path_factory)
