@@ -31,7 +31,6 @@ on a device without a table entry (CPU) the achieved GFLOP/s is reported.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -41,10 +40,7 @@ import jax.numpy as jnp
 import optax
 
 from sandbox import config as config_lib
-from sandbox import sharding
-from sandbox.train.loop import build, initial_state, place_batch
-from sandbox.train.state import make_optimizer
-from sandbox.train.step import train_step
+from sandbox.train.setup import Run, build, initial_state, place_batch
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SIZES = ("tiny", "small", "medium")
@@ -112,7 +108,7 @@ class Variant:
     compiled: Any = None
     compile_s: float = 0.0
     times: list = dataclasses.field(default_factory=list)
-    run_obj: Any = None  # the loop.Run it was built from (policy, pipeline, shardings)
+    run_obj: Run | None = None  # the run it was built from (policy, pipeline, shardings)
 
     def compile(self) -> None:
         t = time.perf_counter()
@@ -137,16 +133,11 @@ class Variant:
 
 
 def sandbox_variant(cfg: config_lib.Config, name: str = "sandbox", n_batches: int = 4, **ctx_changes) -> Variant:
-    """The trainer's own step (`loop.build`), optionally with StepContext fields changed (e.g. guard=False)."""
+    """The trainer's own step (the one builder), optionally with StepContext fields changed (e.g. guard=False)."""
     run = build(cfg)
-    step_fn = run.step_fn
-    frozen = run.extra.get("frozen", ())
-    if ctx_changes:
-        # The same jit as loop.build, on a changed context (shardings from the same mesh).
-        ctx = dataclasses.replace(run.ctx, **ctx_changes)
-        sh, repl = run.extra["state_shardings"], sharding.replicated(run.extra["mesh"])
-        step_fn = jax.jit(functools.partial(train_step, ctx=ctx), donate_argnums=0, out_shardings=(sh, repl),
-                          in_shardings=(sh, run.extra["batch_sharding"], *(repl,) * len(frozen)))
+    frozen = run.frozen
+    # The same jit as the builder's, on a changed context (shardings from the same mesh).
+    step_fn = run.jit_step(dataclasses.replace(run.ctx, **ctx_changes)) if ctx_changes else run.step_fn
     fn = jax.jit(lambda s, b: step_fn(s, b, *frozen), donate_argnums=0) if frozen else step_fn
     batches = [place_batch(run, run.pipeline.train_batch(k)) for k in range(n_batches)]
     return Variant(name, fn, initial_state(run), batches, run_obj=run)
@@ -171,12 +162,12 @@ def bare_step(model, tx, policy):
 
 
 def bare_variant(cfg: config_lib.Config, like: Variant) -> Variant:
-    """The bare step on the same model, initial parameters, batches and device placement as `like`."""
+    """The bare step on the same model, optimizer, initial parameters, batches and placement as `like`."""
     run = like.run_obj
     state = initial_state(run)
-    tx = make_optimizer(cfg.optimizer, cfg.training.steps)
+    tx = run.parts.tx
     carry = (state.params, tx.init(state.params), state.fp8_meta)
-    fn = jax.jit(bare_step(run.ctx.model, tx, run.policy), donate_argnums=0)
+    fn = jax.jit(bare_step(run.parts.model, tx, run.policy), donate_argnums=0)
     return Variant("bare", fn, carry, like.batches, run_obj=run)
 
 

@@ -31,7 +31,6 @@ with some other state under its final step number.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -45,6 +44,7 @@ import orbax.checkpoint as ocp
 
 from sandbox import sharding
 from sandbox.errors import UserError
+from sandbox.rundir import file_sha256
 
 # orbax logs its failures at ERROR (a damaged metadata file is echoed whole) and then raises or
 # carries on; every failure that matters reaches the user as one line from this module instead.
@@ -163,14 +163,6 @@ def _warn(text: str) -> None:
     print(f"warning: {text}", file=sys.stderr)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _same_bits(a, b) -> bool:
     a, b = np.asarray(a), np.asarray(b)
     return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
@@ -196,7 +188,7 @@ def _files(step_dir: Path) -> list[str]:
 
 def write_manifest(step_dir: Path) -> None:
     """sha256 of every file under a committed step, written to a temp file, fsynced, renamed."""
-    files = {rel: _sha256(step_dir / rel) for rel in _files(step_dir)}
+    files = {rel: file_sha256(step_dir / rel) for rel in _files(step_dir)}
     tmp = step_dir / f"{MANIFEST}.tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump({"algorithm": "sha256", "files": files}, f, indent=1)
@@ -253,7 +245,7 @@ def verify_manifest(step_dir: Path) -> str | None:
     if extra := sorted(set(present) - set(files)):
         return f"file {extra[0]} is not in the checksum manifest"
     for rel, digest in files.items():
-        if _sha256(step_dir / rel) != digest:
+        if file_sha256(step_dir / rel) != digest:
             return f"checksum mismatch in {rel}"
     return _recorded_step_mismatch(step_dir)
 

@@ -500,15 +500,37 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     return cfg
 
 
-def replace(cfg, **changes):
-    """Nested `dataclasses.replace`: replace(cfg, model={'n_layer': 2})."""
+def load_run_config(run_dir: str | Path) -> Config:
+    """The validated config.yaml of a run directory (a run directory is trusted only as data)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir}: not a run directory")
+    path = run_dir / "config.yaml"
+    if not path.exists():
+        raise UserError(f"{run_dir}: no config.yaml (not a sandbox run directory?)")
+    return from_dict(read_yaml(path), default_name=run_dir.name)
+
+
+def _replaced(obj, changes: dict):
     kwargs = {}
     for name, value in changes.items():
-        current = getattr(cfg, name)
+        current = getattr(obj, name)
         if dataclasses.is_dataclass(current) and isinstance(value, dict):
-            value = replace(current, **value)
+            value = _replaced(current, value)
         kwargs[name] = value
-    return dataclasses.replace(cfg, **kwargs)
+    return dataclasses.replace(obj, **kwargs)
+
+
+def replace(cfg, **changes):
+    """Nested `dataclasses.replace`, validated: replace(cfg, model={'n_layer': 2}).
+
+    The result goes through the same checks as a YAML file (types, ranges, choices, consistency), so a
+    programmatic change cannot build a config the loader would refuse (a UserError naming the key).
+    """
+    out = _replaced(cfg, changes)
+    if isinstance(out, Config):
+        return from_dict(to_dict(out), default_name=out.name)
+    return _build(type(out), to_dict(out))
 
 
 def dump_yaml(cfg) -> str:

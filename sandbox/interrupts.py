@@ -34,6 +34,7 @@ import sys
 
 ABORT_EXIT = 130  # 128 + SIGINT, the shell's convention for "killed by Ctrl-C"
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+GRACEFUL_STOP_COMMANDS = frozenset({"train"})  # commands that stop themselves at a safe point
 
 _requests = 0
 
@@ -83,12 +84,14 @@ def raise_keyboard_interrupt(signum: int, frame) -> None:
     raise KeyboardInterrupt
 
 
-def install_cli_handlers(graceful: bool) -> dict:
+def install_cli_handlers(graceful: bool, keep_requests: bool = False) -> dict:
     """Installs note_request (graceful) or raise_keyboard_interrupt for SIGINT and SIGTERM.
 
-    Returns the previous handlers, for restore().
+    Returns the previous handlers, for restore(). `keep_requests`: the entry point installed the same
+    handlers before the CLI's imports (sandbox/entry.py); a request noted then still counts.
     """
-    reset()
+    if not keep_requests:
+        reset()
     handler = note_request if graceful else raise_keyboard_interrupt
     previous = {}
     for sig in STOP_SIGNALS:

@@ -1,4 +1,4 @@
-"""Run logging: metrics.jsonl, tensorboardX event files, a live progress bar.
+"""Run logging: metrics.jsonl, tensorboardX event files, a live progress bar, a progress file.
 
 The loop hands over plain Python floats (already read to the host at a log
 interval); nothing here touches device arrays.
@@ -16,8 +16,12 @@ from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from tensorboardX import SummaryWriter
 
 from sandbox import sharding
+from sandbox.floatio import finite_or_none, json_float
+from sandbox.rundir import atomic_write
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, float]:
@@ -37,6 +41,7 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, float]:
 # TensorBoard tags: per-step guard flags are events (metrics.jsonl has them as rows, the console prints
 # them), not curves: as 0/1 scalars they only add panels. The rest is grouped by what a reader compares,
 # with train and val side by side ("loss/train_ce" next to "loss/val_ce").
+PROGRESS_EVERY_S = 0.5  # ProgressFile: at most one write this often
 TB_SKIP = frozenset({"applied", "overflow", "nonfinite", "spike", "stalled", "failed_step"})
 TB_GROUPS = (
     ("loss", ("loss", "ce", "kl", "beta", "bits_per_token", "bits_per_byte", "perplexity", "kl_to_source",
@@ -58,10 +63,6 @@ def tb_tag(split: str, key: str) -> str | None:
     return f"{TB_GROUP_OF.get(key, 'other')}/{split}_{key}"
 
 
-def _json_value(v: float):
-    return v if math.isfinite(v) else str(v)  # JSON has no inf/nan
-
-
 class RunLogger:
     def __init__(self, run_dir: Path, cfg_logging, total_steps: int, start_step: int = 0,
                  tb_dir: Path | None = None):
@@ -75,13 +76,9 @@ class RunLogger:
             self.jsonl = path.open("a", encoding="utf-8")
         self.tb = None
         if cfg_logging.tensorboard and primary:
-            from tensorboardX import SummaryWriter
-
             self.tb = SummaryWriter(str(tb_dir or self.run_dir / "tb"), flush_secs=10)
         self.progress = None
         if cfg_logging.progress and primary and sys.stderr.isatty():
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
             # auto_refresh=False: no refresh thread that could outlive close() (a stop must leave no
             # thread running at exit, see interrupts.py); the bar is redrawn at each update instead.
             self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
@@ -115,7 +112,7 @@ class RunLogger:
     def log(self, step: int, split: str, scalars: dict[str, float]) -> None:
         if self.jsonl:
             row = {"step": step, "split": split, "time": round(time.time(), 3)}
-            row.update({k: _json_value(v) for k, v in scalars.items()})
+            row.update({k: json_float(v) for k, v in scalars.items()})
             self.jsonl.write(json.dumps(row) + "\n")
             self.jsonl.flush()  # its tail is what other tools (ablate progress, tail -f) read
         if self.tb:
@@ -156,6 +153,31 @@ class RunLogger:
             self.jsonl.close()
         if self.tb:
             self.tb.close()
+
+
+class ProgressFile:
+    """Trainer hook: `{"step", "total", "loss"}` in a small JSON file, for a process watching this run.
+
+    metrics.jsonl is buffered, so its tail lags; this file is rewritten
+    atomically at log intervals, at most every PROGRESS_EVERY_S (a log
+    interval can be milliseconds on a tiny model: don't fsync each one), and
+    at the last step. `sandbox train --progress FILE` adds it; `sandbox
+    ablate` polls it for each running cell (sandbox/ablate/runner.py).
+    """
+
+    def __init__(self, path: Path, total: int):
+        self.path, self.total = Path(path), total
+        self.written_at = -math.inf
+
+    def on_step_end(self, step: int, metrics: dict, state) -> None:
+        if state is None:  # not the last step of a logged batch: more are coming right now
+            return
+        now = time.monotonic()
+        if now - self.written_at < PROGRESS_EVERY_S and step < self.total:
+            return
+        record = {"step": int(step), "total": self.total, "loss": finite_or_none(metrics.get("loss"))}
+        atomic_write(self.path, json.dumps(record))
+        self.written_at = now
 
 
 def read_metrics(run_dir: Path, damaged: list[int] | None = None) -> list[dict]:

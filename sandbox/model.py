@@ -5,7 +5,9 @@ token embedding (+ learned positions or rotary) -> n_layer pre-norm blocks
 
 The model knows nothing of loss scaling or logging: dtypes, matmul precision,
 the dot_general (fp8 or not) and the attention softmax all come from the
-`Policy`. It receives parameters already cast to the compute dtype by the
+`Policy`. The one non-precision numerics switch is `naive_softmax`, a
+teaching ablation (exp/sum in the compute dtype, no max subtraction, scores
+kept narrow) that fails on purpose. It receives parameters already cast to the compute dtype by the
 trainer. Shapes use suffixes: B batch, T time, D model width, H heads,
 K head width, F MLP width, V vocabulary.
 """
@@ -38,6 +40,7 @@ def rotary(x_BTHK: jax.Array) -> jax.Array:
 class Block(nn.Module):
     cfg: ModelConfig
     policy: Policy
+    naive_softmax: bool = False
 
     def dense(self, features: int, name: str) -> nn.Dense:
         p = self.policy
@@ -64,11 +67,11 @@ class Block(nn.Module):
             q_BTHK = q_BTHK * jnp.asarray(k**-0.5, q_BTHK.dtype)
             # The scores leave the dot in the softmax dtype (fp32 accumulation, one rounding),
             # never rounded to the compute dtype first; only the naive ablation keeps them narrow.
-            scores_dtype = p.compute_dtype if p.naive_softmax else p.softmax_dtype
+            scores_dtype = p.compute_dtype if self.naive_softmax else p.softmax_dtype
             scores_BHTT = jnp.einsum("bthk,bshk->bhts", q_BTHK, k_BTHK, precision=p.precision,
                                      preferred_element_type=scores_dtype)
             causal_TT = jnp.tril(jnp.ones((t, t), bool))
-            probs_BHTT = p.attention_softmax(scores_BHTT, causal_TT)
+            probs_BHTT = p.attention_softmax(scores_BHTT, causal_TT, naive=self.naive_softmax)
             y_BTHK = jnp.einsum("bhts,bshk->bthk", probs_BHTT, v_BTHK, precision=p.precision)
             x_BTD = x_BTD + drop(self.dense(d, "proj")(y_BTHK.reshape(b, t, d)))
 
@@ -87,6 +90,7 @@ class Block(nn.Module):
 class GPT(nn.Module):
     cfg: ModelConfig
     policy: Policy
+    naive_softmax: bool = False  # teaching ablation (module doc); config: precision.naive_softmax
 
     @nn.compact
     def __call__(self, tokens_BT, deterministic: bool = True):
@@ -100,7 +104,7 @@ class GPT(nn.Module):
             x_BTD = x_BTD + pos_TD[None, : tokens_BT.shape[1]].astype(p.compute_dtype)
         x_BTD = nn.Dropout(c.dropout, deterministic=deterministic)(x_BTD)
         for i in range(c.n_layer):  # Flax puts module names on JAX's name stack (forensics reads it)
-            x_BTD = Block(c, p, name=f"block_{i}")(x_BTD, deterministic)
+            x_BTD = Block(c, p, self.naive_softmax, name=f"block_{i}")(x_BTD, deterministic)
         x_BTD = nn.LayerNorm(name="ln_f", dtype=p.compute_dtype, param_dtype=p.param_dtype)(x_BTD)
         with jax.named_scope("head"):
             # Tied head; logits come out of the dot directly in the output dtype (fp32).

@@ -26,13 +26,13 @@ with one line before training starts, not as a shape error inside jit.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
+from sandbox import config as config_lib
 from sandbox import infotheory
 from sandbox.config import Config, ModelConfig, PrecisionConfig
 from sandbox.errors import UserError
@@ -40,7 +40,7 @@ from sandbox.model import GPT
 from sandbox.precision.policy import PRESETS, Policy, make_policy
 
 ARCH_FIELDS = ("vocab_size", "context", "n_layer", "n_head", "d_model", "mlp_ratio", "positions")
-FP32 = dataclasses.replace(PRESETS["fp32"], telemetry=False)
+FP32 = PRESETS["fp32"]
 
 
 @dataclass(frozen=True)
@@ -110,19 +110,16 @@ def check_compatible(student: ModelConfig, reference: ModelConfig, where: str) -
 
 def reference_policy(kl_policy: str, ref_precision: PrecisionConfig) -> Policy:
     """kl.policy as a Policy; fp8 settings come from the reference run (its meta's shapes)."""
-    cfg = dataclasses.replace(ref_precision, policy=kl_policy, telemetry=False, naive_softmax=False)
-    return make_policy(cfg)
+    return make_policy(config_lib.replace(ref_precision, policy=kl_policy))
 
 
-def load_reference(cfg: Config) -> tuple[KLTerm, dict] | None:
-    """(KLTerm, frozen) for cfg.objective.kl, or None when there is no KL term."""
-    from sandbox.runs import load_run_state
+def kl_term(cfg: Config, ref_cfg: Config, state, run_dir: Path, step: int) -> tuple[KLTerm, dict]:
+    """(KLTerm, frozen) for cfg.objective.kl from the reference run's config and restored state.
 
+    The caller loads the run (`train.setup.load_reference`): this module describes the term and
+    never reads run directories, so it sits below the train layer. `run_dir`/`step` name it in errors.
+    """
     kl = cfg.objective.kl
-    if not kl.reference:
-        return None
-    run_dir, step = resolve(kl.reference, cfg.run_root)
-    ref_cfg, state, step = load_run_state(run_dir, step)
     check_compatible(cfg.model, ref_cfg.model, f"{run_dir} (step {step})")
     policy = reference_policy(kl.policy, ref_cfg.precision)
     meta = state.fp8_meta if policy.fp8 is not None else {}

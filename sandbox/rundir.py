@@ -34,6 +34,7 @@ from __future__ import annotations
 import datetime
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -202,6 +203,15 @@ def open_dir(directory: str | Path, kind: str, *, resume: bool = False, overwrit
 
 
 # ----------------------------------------------------------------- writing files
+
+
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks (checkpoints and corpora can be large)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def atomic_write(path: str | Path, data: str | bytes) -> Path:

@@ -1,7 +1,9 @@
 """Reading runs back: their config and latest checkpointed state, and what a resume may change.
 
-Used by `sandbox sample`, the KL reference, the ablation report and
-`--resume`. A run directory is trusted only as data: the config goes through
+Used by the ablation report and `--resume`. A run's config is read by
+`config.load_run_config`, its state restored by the one builder
+(`train.setup.load_run_state`); this module sits below the train layer, so
+the shape comparison gets the builder's `abstract_state` from its caller. A run directory is trusted only as data: the config goes through
 the same validation as a user's YAML, the state through orbax with an
 explicit target structure (no pickle).
 
@@ -25,13 +27,15 @@ from pathlib import Path
 
 import jax
 
+from typing import Any, Callable
+
 from sandbox import config as config_lib
-from sandbox.checkpoint import Checkpointer, abstract_of
 from sandbox.errors import UserError
-from sandbox.model import GPT
-from sandbox.precision.policy import make_loss_scaler, make_policy
 from sandbox.rundir import atomic_write
-from sandbox.train.state import init_state, make_optimizer
+
+# config -> the train state's abstract structure (train.setup.abstract_state): passed in by the loop,
+# so this module stays below the train layer
+StateShapes = Callable[[config_lib.Config], Any]
 
 # Keys a resume may change (a trailing "." covers a section); the error message lists them.
 RESUME_MAY_CHANGE = ("training.steps", "training.eval_every", "training.eval_batches", "training.log_every",
@@ -40,48 +44,6 @@ RESUME_MAY_CHANGE = ("training.steps", "training.eval_every", "training.eval_bat
 IDENTITY_KEYS = ("name", "run_root")
 SHOWN_VALUE_CHARS = 40
 SHOWN_SHAPE_CHANGES = 2
-
-
-def load_run_config(run_dir: str | Path) -> config_lib.Config:
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise UserError(f"{run_dir}: not a run directory")
-    path = run_dir / "config.yaml"
-    if not path.exists():
-        raise UserError(f"{run_dir}: no config.yaml (not a sandbox run directory?)")
-    raw = config_lib.read_yaml(path)
-    return config_lib.from_dict(raw, default_name=run_dir.name)
-
-
-def load_run_state(run_dir: str | Path, step: int | None = None):
-    """(config, state, step) of a run's latest (or given) checkpoint."""
-    cfg = load_run_config(run_dir)
-    abstract = abstract_state(cfg)
-    ckpt = Checkpointer(Path(run_dir), read_only=True)
-    try:
-        steps = ckpt.steps()
-        if not steps:
-            raise UserError(f"{run_dir}: no checkpoint found")
-        if step is None:  # the newest intact one; corrupt ones are skipped with a warning
-            step = ckpt.newest_valid()
-            if step is None:
-                raise UserError(f"{run_dir}: no intact checkpoint (all of {steps} fail their checksums)")
-        if step not in steps:
-            raise UserError(f"{run_dir}: no checkpoint at step {step} (have {steps})")
-        state, _ = ckpt.restore(step, abstract_of(abstract))
-    finally:
-        ckpt.close()
-    return cfg, state, step
-
-
-def abstract_state(cfg: config_lib.Config):
-    """The train state's structure, shapes and dtypes under `cfg` (jax.eval_shape: nothing allocated)."""
-    policy = make_policy(cfg.precision)
-    model = GPT(cfg.model, policy)
-    tx = make_optimizer(cfg.optimizer, cfg.training.steps)
-    scaler = make_loss_scaler(policy, cfg.precision.loss_scale)
-    return jax.eval_shape(lambda: init_state(model, tx, scaler, cfg.seed, cfg.model.context,
-                                             cfg.forensics.spike_window))
 
 
 # ----------------------------------------------------------------- resuming with a changed config
@@ -136,10 +98,10 @@ def previous_config(run_dir: Path) -> tuple[config_lib.Config | None, str]:
     return None, ""
 
 
-def _shape_changes(old: config_lib.Config, new: config_lib.Config) -> list[str]:
+def _shape_changes(old: config_lib.Config, new: config_lib.Config, state_shapes: StateShapes) -> list[str]:
     """'path: f32[256,32] -> f32[256,64]' for each state leaf whose shape or dtype differs (or exists in one only)."""
     def leaves(cfg):
-        flat, _ = jax.tree_util.tree_flatten_with_path(abstract_state(cfg))
+        flat, _ = jax.tree_util.tree_flatten_with_path(state_shapes(cfg))
         return {"/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path):
                 f"{x.dtype}{list(x.shape)}" for path, x in flat}
 
@@ -151,8 +113,11 @@ def _shape_changes(old: config_lib.Config, new: config_lib.Config) -> list[str]:
             if a.get(k) != b.get(k)]
 
 
-def check_resume(run_dir: Path, cfg: config_lib.Config) -> list[str]:
-    """Refuses a resume whose config changes more than RESUME_MAY_CHANGE; returns notes on allowed changes."""
+def check_resume(run_dir: Path, cfg: config_lib.Config, state_shapes: StateShapes | None = None) -> list[str]:
+    """Refuses a resume whose config changes more than RESUME_MAY_CHANGE; returns notes on allowed changes.
+
+    `state_shapes` (train.setup.abstract_state): lets the refusal name the arrays whose shapes change.
+    """
     old, source = previous_config(run_dir)
     if old is None:
         return []
@@ -160,7 +125,7 @@ def check_resume(run_dir: Path, cfg: config_lib.Config) -> list[str]:
     refused = {k: v for k, v in changes.items() if not _may_change(k)}
     if refused:
         listed = ", ".join(f"{k} {_shown(a)} -> {_shown(b)}" for k, (a, b) in refused.items())
-        shapes = _shape_changes(old, cfg)
+        shapes = _shape_changes(old, cfg, state_shapes) if state_shapes else []
         why = ""
         if shapes:
             why = (f"; the saved state has other shapes or dtypes under the new config ({len(shapes)} arrays, e.g. "
@@ -184,9 +149,10 @@ def check_resume(run_dir: Path, cfg: config_lib.Config) -> list[str]:
     return notes
 
 
-def write_run_config(run_dir: Path, cfg: config_lib.Config, resume: bool, report=print) -> None:
+def write_run_config(run_dir: Path, cfg: config_lib.Config, resume: bool, report=print,
+                     state_shapes: StateShapes | None = None) -> None:
     """config.yaml, written only after a resume's config has been checked against the checkpoint."""
     if resume:
-        for note in check_resume(run_dir, cfg):
+        for note in check_resume(run_dir, cfg, state_shapes):
             report(note)
     atomic_write(Path(run_dir) / "config.yaml", config_lib.dump_yaml(cfg))

@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from sandbox import infotheory
+from sandbox.data import tokenizer_for
+from sandbox.train.setup import load_run_state, parts
 
 
 def filter_logprobs(logp_V, temperature: float, top_k: int, top_p: float):
@@ -58,15 +60,15 @@ def generate(model, params, fp8_meta, prompt_ids, *, max_tokens: int, context: i
     return np.asarray(ids[len(prompt_ids) or 1:], np.int32)
 
 
-def sample_from_run(run_dir, prompt: str, **kwargs) -> str:
-    from sandbox.data import tokenizer_for
-    from sandbox.model import GPT
-    from sandbox.precision.policy import make_policy
-    from sandbox.runs import load_run_state
-
-    cfg, state, _ = load_run_state(run_dir)
+def sample_run(run_dir, prompt: str, **kwargs) -> tuple[str, int]:
+    """(prompt + generated text, the checkpoint step it was generated from)."""
+    cfg, state, step = load_run_state(run_dir)
     tok = tokenizer_for(cfg)  # a BPE run's own tokenizer, from the cache keyed by its corpus
     # an empty prompt starts after a newline, in the tokenizer's own ids
-    out = generate(GPT(cfg.model, make_policy(cfg.precision)), state.params, state.fp8_meta,
+    out = generate(parts(cfg).model, state.params, state.fp8_meta,
                    tok.encode(prompt or "\n"), context=cfg.model.context, **kwargs)
-    return prompt + tok.decode(out)
+    return prompt + tok.decode(out), int(step)
+
+
+def sample_from_run(run_dir, prompt: str, **kwargs) -> str:
+    return sample_run(run_dir, prompt, **kwargs)[0]

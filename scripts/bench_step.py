@@ -15,7 +15,7 @@ import sys
 from sandbox import bench
 
 EXTRA = {
-    "telemetry_off": {"sets": ["precision.telemetry=false"]},
+    "telemetry_off": {"ctx": {"telemetry": False}},
     "no_guard": {"ctx": {"guard": False}},
 }
 

@@ -19,6 +19,7 @@ from safetensors.numpy import load_file, save_file
 
 from sandbox.cli import main
 from sandbox.forensics import bundle as bundle_lib
+from sandbox.rundir import file_sha256
 
 FIELDS = ("format", "failed_step", "seed", "rng_rule", "policy", "config", "devices", "recorded", "history",
           "state_leaves", "batch_leaves", "sha256")
@@ -136,7 +137,7 @@ def _rewrite_batch(src: Path, dst: Path, edit) -> Path:
     save_file(batch, str(dst / "batch.safetensors"))
     meta = _meta(dst)
     meta["batch_leaves"] = {k: {"dtype": v.dtype.name, "shape": list(v.shape)} for k, v in batch.items()}
-    meta["sha256"]["batch.safetensors"] = bundle_lib._sha256(dst / "batch.safetensors")
+    meta["sha256"]["batch.safetensors"] = file_sha256(dst / "batch.safetensors")
     (dst / "meta.json").write_text(json.dumps(meta))
     return dst
 

@@ -81,3 +81,12 @@ def test_cli_unknown_demo_exits_2_listing_names(capsys):
     assert main(["demo", "nope"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "'nope'" in err and all(name in err for name in demos.DEMOS)
+
+
+def test_demo_list_reads_like_lesson_list_and_names_accept_either_spelling(capsys):
+    from sandbox.cli import main
+
+    assert main(["demo", "list"]) == 0 and main(["demo", "--list"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("Demos: sandbox demo NAME") == 2 and "│ 1 │ update-rounding" in out
+    assert main(["demo", "update_rounding"]) == 0

@@ -116,6 +116,12 @@ def test_cli_table(capsys):
         assert text in out
 
 
+def test_cli_table_rows_fit_100_columns(capsys):
+    assert main(["floats", "--table"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("│", "┃", "┏", "└"))]
+    assert rows and max(len(line) for line in rows) <= 100, max(len(line) for line in rows)
+
+
 def test_cli_formats_option_limits_rows(capsys):
     assert main(["floats", "1.5", "--formats", "e5m2"]) == 0
     out = capsys.readouterr().out

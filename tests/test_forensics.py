@@ -17,9 +17,9 @@ import pytest
 from sandbox.cli import main
 from sandbox.config import load_config, replace
 from sandbox.errors import UserError
-from sandbox.forensics.bundle import load_bundle
+from sandbox.forensics.bundle import load_bundle, save_bundle
 from sandbox.forensics.replay import replay
-from sandbox.train import loop
+from sandbox.train import setup
 from sandbox.train.loop import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,7 +41,7 @@ def _recipe(name: str, root: Path):
 
 
 def _fail_and_replay(name: str, root: Path):
-    result = train(_recipe(name, root), overwrite=True, quiet=True)
+    result = train(_recipe(name, root), overwrite=True, quiet=True, capture=save_bundle)
     assert result.status == "failed" and result.bundle is not None
     return result, replay(load_bundle(result.bundle))
 
@@ -51,7 +51,7 @@ def _fail_and_replay(name: str, root: Path):
 def test_recipe_fails_deterministically_and_replay_names_cause(name, tmp_path):
     step, cause, where, primitive, phase = EXPECTED[name]
     first, report = _fail_and_replay(name, tmp_path / "a")
-    again = train(_recipe(name, tmp_path / "b"), overwrite=True, quiet=True)
+    again = train(_recipe(name, tmp_path / "b"), overwrite=True, quiet=True, capture=save_bundle)
     assert again.summary["failed_step"] == first.summary["failed_step"]
     if step is not None:
         assert first.summary["failed_step"] == step
@@ -77,7 +77,7 @@ def test_recipe_fails_deterministically_and_replay_names_cause(name, tmp_path):
 def bundle_dir(tmp_path_factory):
     """One real bundle (the fastest recipe), shared by the bad-input tests."""
     root = tmp_path_factory.mktemp("runs")
-    result = train(_recipe("naive_softmax_overflow", root), overwrite=True, quiet=True)
+    result = train(_recipe("naive_softmax_overflow", root), overwrite=True, quiet=True, capture=save_bundle)
     return Path(result.bundle)
 
 
@@ -103,7 +103,7 @@ def test_replay_cli_text_and_json(bundle_dir, capsys, monkeypatch):
     def no_data(cfg):
         raise AssertionError("replay built the data pipeline")
 
-    monkeypatch.setattr(loop, "make_pipeline", no_data)  # the bundle holds the batch
+    monkeypatch.setattr(setup, "make_pipeline", no_data)  # the bundle holds the batch
     assert main(["replay", str(bundle_dir), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["cause"] == "exp_overflow" and out["op"] == "exp"

@@ -356,7 +356,7 @@ def test_saturation_then_adaptation_with_telemetry():
     assert float(meta["input_scale"]) == 448.0
 
     def forward(meta, x):
-        y, stats = Fp8DotGeneral(telemetry=True).apply(
+        y, stats = Fp8DotGeneral().apply(
             {FP8_META: meta}, x, w, DIMS, mutable=[FP8_STATS]
         )
         return y, {name: float(v[0]) for name, v in stats[FP8_STATS].items()}
@@ -376,7 +376,7 @@ def test_saturation_then_adaptation_with_telemetry():
 
 def test_telemetry_counts_flush_to_zero():
     x = jnp.asarray([[1e3, 1e-4, 0.0, 1.0, 2.0, -3.0, 1e-5, 0.5]])  # scale 1 at init
-    _, stats = Fp8DotGeneral(telemetry=True).apply(
+    _, stats = Fp8DotGeneral().apply(
         {FP8_META: _meta()}, x, jnp.eye(8), DIMS, mutable=[FP8_STATS]
     )
     layer = {name: float(v[0]) for name, v in stats[FP8_STATS].items()}

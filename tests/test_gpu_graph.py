@@ -1,7 +1,7 @@
 """The GPU graph, checked without a GPU: the train step exported for CUDA.
 
 `jax.export.export(jitted, platforms=["cuda"])` lowers for CUDA on a CPU-only
-machine. The StableHLO of the train step (`sandbox.train.loop.build(cfg).step_fn`)
+machine. The StableHLO of the train step (`sandbox.train.setup.build(cfg).step_fn`)
 is what XLA:GPU receives, so it can be checked for what the GPU must see:
 
 * bf16 / fp16: every dot_general takes 16-bit operands, none at HIGHEST
@@ -31,7 +31,7 @@ import pytest
 from jax import export
 
 from conftest import tiny_config
-from sandbox.train.loop import build, place_batch
+from sandbox.train.setup import build, place_batch
 
 REPO = Path(__file__).resolve().parents[1]
 SIXTEEN_BIT = ("bf16", "f16")
@@ -88,8 +88,8 @@ def cuda_step(policy: str, tmp: str) -> tuple[str, int]:
     cfg = tiny_config(Path(tmp), f"gpu_{policy}", {"precision": {"policy": policy}})
     run = build(cfg)
     batch = jax.eval_shape(lambda: place_batch(run, run.pipeline.train_batch(0)))
-    exported = export.export(run.step_fn, platforms=["cuda"])(run.extra["abstract_state"], batch)
-    fp8_layers = sum(1 for path, _ in jax.tree_util.tree_flatten_with_path(run.extra["abstract_state"].fp8_meta)[0]
+    exported = export.export(run.step_fn, platforms=["cuda"])(run.abstract_state, batch)
+    fp8_layers = sum(1 for path, _ in jax.tree_util.tree_flatten_with_path(run.abstract_state.fp8_meta)[0]
                      if jax.tree_util.keystr(path).endswith("['input_scale']"))
     return exported.mlir_module(), fp8_layers
 

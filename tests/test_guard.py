@@ -17,8 +17,8 @@ import pytest
 from sandbox import config as config_lib
 from sandbox.cli import main
 from sandbox.logger import read_metrics
-from sandbox.runs import load_run_state
 from sandbox.train import loop
+from sandbox.train.setup import load_run_state
 
 
 def rows_of(run_dir, split):
@@ -133,3 +133,87 @@ def test_checkpoint_never_holds_a_nonfinite_leaf(tiny):
     bad = [n for n, leaf in zip(names, jax.tree.leaves(state))
            if np.issubdtype(np.asarray(leaf).dtype, np.floating) and not np.isfinite(np.asarray(leaf)).all()]
     assert bad == ["guard/loss_window"]
+
+
+# ---------------------------------------------------------------- the pure decision table (train/guard.py)
+
+from itertools import product  # noqa: E402
+
+import jax.numpy as jnp  # noqa: E402
+
+from sandbox.train.guard import Checks, GuardRules, decide, spike  # noqa: E402
+from sandbox.train.state import GuardState  # noqa: E402
+
+
+def _guard(failed=-1, stalled=-1, skips=0, floor=0, window=4):
+    return GuardState(failed_step=np.int32(failed), skipped_nonfinite=np.int32(0), skipped_overflow=np.int32(0),
+                      skipped_spikes=np.int32(0), loss_window=np.full((window,), np.nan, np.float32),
+                      consecutive_skips=np.int32(skips), floor_overflows=np.int32(floor),
+                      stalled_step=np.int32(stalled))
+
+
+def _expected(dynamic, nan_policy, loss_ok, grads_ok, state_ok, is_spike, failed_before, stalled_before):
+    """The rules of train/guard.py's module doc, written out in plain Python."""
+    held = (failed_before and nan_policy != "skip") or stalled_before
+    overflow = dynamic and loss_ok and not grads_ok
+    failure = (not loss_ok) or (grads_ok and not state_ok) or (not dynamic and not grads_ok)
+    apply = loss_ok and grads_ok and state_ok and not is_spike and not held
+    return {"apply": apply, "overflow": overflow and not held, "nonfinite": failure and not held,
+            "spike": is_spike and not held, "keep_scale": held or failure}
+
+
+@pytest.mark.parametrize("dynamic,nan_policy", list(product([False, True], ["skip", "halt", "capture"])))
+def test_guard_decision_table_matches_the_written_rules(dynamic, nan_policy):
+    """Every combination of finite flags, spike and held state (no stall limits): flags, counters, window."""
+    rules = GuardRules(nan_policy=nan_policy, dynamic=dynamic, max_skipped_steps=0, min_scale_overflows=0)
+    for loss_ok, grads_ok, state_ok, is_spike, failed_before, stalled_before in product([True, False], repeat=6):
+        if is_spike and not loss_ok:
+            continue  # the step never calls a non-finite loss a spike
+        guard = _guard(failed=3 if failed_before else -1, stalled=3 if stalled_before else -1, skips=2)
+        checks = Checks(*map(np.bool_, (loss_ok, grads_ok, state_ok, is_spike, False)))
+        d = decide(rules, guard, checks, np.float32(1.5), np.int32(7), np.int32(5))
+        want = _expected(dynamic, nan_policy, loss_ok, grads_ok, state_ok, is_spike, failed_before, stalled_before)
+        case = (loss_ok, grads_ok, state_ok, is_spike, failed_before, stalled_before)
+        got = {k: bool(getattr(d, k)) for k in want}
+        assert got == want, case
+        held = (failed_before and nan_policy != "skip") or stalled_before
+        g = d.guard
+        assert int(g.consecutive_skips) == (2 if held else 0 if want["apply"] else 3), case
+        assert int(g.skipped_nonfinite) == int(want["nonfinite"]) and int(g.skipped_overflow) == int(want["overflow"])
+        assert int(g.skipped_spikes) == int(want["spike"]), case
+        first_failure = want["nonfinite"] and not failed_before
+        assert int(g.failed_step) == (7 if first_failure else 3 if failed_before else -1), case
+        assert (float(g.loss_window[0]) == 1.5) == want["apply"], case
+        assert not bool(d.stalled) and int(g.stalled_step) == (3 if stalled_before else -1), case
+        for name, leaf in g._asdict().items():
+            assert leaf.dtype == (np.float32 if name == "loss_window" else np.int32), name
+
+
+def test_guard_stalls_past_the_skip_limit_and_at_the_floor():
+    skip = Checks(*map(np.bool_, (True, True, True, True, False)))  # a finite spike: skipped, not failed
+    rules = GuardRules(nan_policy="capture", dynamic=True, max_skipped_steps=2, min_scale_overflows=3)
+    d = decide(rules, _guard(skips=1), skip, np.float32(9.0), np.int32(4), np.int32(2))
+    assert not bool(d.stalled) and int(d.guard.consecutive_skips) == 2
+    d = decide(rules, d.guard, skip, np.float32(9.0), np.int32(5), np.int32(2))
+    assert bool(d.stalled) and int(d.guard.stalled_step) == 5 and bool(d.keep_scale)
+    overflow_at_floor = Checks(*map(np.bool_, (True, False, True, False, True)))
+    d = decide(rules, _guard(floor=2), overflow_at_floor, np.float32(1.0), np.int32(8), np.int32(3))
+    assert bool(d.overflow) and int(d.guard.floor_overflows) == 3 and bool(d.stalled)
+    # the run's last step stalls when no step applied an update; one applied update is enough to finish
+    last = GuardRules(total_steps=10, max_skipped_steps=0, min_scale_overflows=0)
+    assert bool(decide(last, _guard(), skip, np.float32(1.0), np.int32(9), np.int32(0)).stalled)
+    assert not bool(decide(last, _guard(), skip, np.float32(1.0), np.int32(9), np.int32(1)).stalled)
+
+
+def test_disabled_guard_applies_every_update():
+    bad = Checks(*map(np.bool_, (False, False, False, False, False)))
+    assert bool(decide(GuardRules(enabled=False), _guard(), bad, np.float32(np.nan), np.int32(0), np.int32(0)).apply)
+
+
+def test_spike_is_loss_above_mean_plus_sigma_std_of_the_finite_window():
+    window = np.array([1.0, 2.0, 3.0, np.nan], np.float32)
+    finite = window[np.isfinite(window)].astype(np.float64)
+    threshold = finite.mean() + 2.0 * finite.std(ddof=1)  # numpy float64 reference
+    assert not bool(spike(jnp.asarray(window), jnp.float32(threshold - 1e-3), 2.0))
+    assert bool(spike(jnp.asarray(window), jnp.float32(threshold + 1e-3), 2.0))
+    assert not bool(spike(jnp.asarray(np.full(4, np.nan, np.float32)), jnp.float32(1e9), 2.0))  # < half full

@@ -162,7 +162,7 @@ def test_precision_drift_orders_fp32_bf16_fp8(ref_run):
 
 def test_failure_under_kl_replays_with_the_reference(ref_run):
     """A diverging KL run fails with a finite loss; replay reloads the reference and gets the same loss."""
-    from sandbox.forensics.bundle import load_bundle
+    from sandbox.forensics.bundle import load_bundle, save_bundle
     from sandbox.forensics.replay import replay
 
     root, ref_dir = ref_run
@@ -170,7 +170,8 @@ def test_failure_under_kl_replays_with_the_reference(ref_run):
     result = train(_student(root, "diverge", ref_dir, [
         "objective.kl.beta=1.0", "optimizer.lr=1e21", "optimizer.eps=1e20", "optimizer.b1=0.0",
         "optimizer.b2=0.0", "optimizer.weight_decay=0.0", "optimizer.grad_clip=0.0",
-        "optimizer.warmup_steps=0", "optimizer.min_lr_ratio=1.0", "training.steps=200"]), quiet=True)
+        "optimizer.warmup_steps=0", "optimizer.min_lr_ratio=1.0", "training.steps=200"]), quiet=True,
+        capture=save_bundle)
     assert result.status == "failed" and result.bundle is not None
     report = replay(load_bundle(result.bundle))
     rows = [r for r in read_metrics(result.run_dir) if r["split"] == "train"]

@@ -30,16 +30,20 @@ MODEL = ModelConfig(vocab_size=V, context=8, n_layer=1, n_head=2, d_model=16)
 CALLS = ("pjit", "jit", "closed_call", "custom_jvp_call", "custom_vjp_call")
 
 
-def _policy(config_name: str, fp8_head: bool = False):
+def _precision(config_name: str, fp8_head: bool = False):
     precision = load_config(CONFIGS / config_name).precision
     if fp8_head:
         precision = dataclasses.replace(precision, fp8=dataclasses.replace(precision.fp8, head=True))
-    return make_policy(precision)
+    return precision
 
 
-def _model_jaxpr(policy):
+def _policy(config_name: str, fp8_head: bool = False):
+    return make_policy(_precision(config_name, fp8_head))
+
+
+def _model_jaxpr(policy, naive_softmax: bool = False):
     """Closed jaxpr of the forward as the trainer runs it: params cast to compute, fp8 meta as is."""
-    model = GPT(MODEL, policy)
+    model = GPT(MODEL, policy, naive_softmax=naive_softmax)
     tokens = jnp.zeros((B, T), jnp.int32)
     variables = jax.eval_shape(model.init, jax.random.key(0), tokens)
 
@@ -107,9 +111,10 @@ POLICY_CASES = [(name, False) for name in QUICKSTARTS] + [("quickstart_fp8.yaml"
 @pytest.mark.parametrize("config_name, fp8_head", POLICY_CASES,
                          ids=[n.removesuffix(".yaml") + ("+fp8_head" if h else "") for n, h in POLICY_CASES])
 def test_scores_in_softmax_dtype_and_logits_in_output_dtype(config_name, fp8_head):
+    naive = _precision(config_name).naive_softmax
     policy = _policy(config_name, fp8_head)
-    closed = _model_jaxpr(policy)
-    wanted_scores = policy.compute_dtype if policy.naive_softmax else policy.softmax_dtype
+    closed = _model_jaxpr(policy, naive)
+    wanted_scores = policy.compute_dtype if naive else policy.softmax_dtype
     assert score_dtypes(closed) == {jnp.dtype(wanted_scores)}, policy.describe()
     assert set(logit_path_dtypes(closed)) == {jnp.dtype(policy.output_dtype)}, policy.describe()
 
@@ -117,7 +122,7 @@ def test_scores_in_softmax_dtype_and_logits_in_output_dtype(config_name, fp8_hea
 def test_shipped_policies_are_all_covered():
     names = {_policy(n).name for n, _ in POLICY_CASES}
     assert {"fp32", "tf32", "bf16", "fp16", "fp8", "bf16_pure", "fp16_noscale"} <= names
-    assert any(_policy(n).naive_softmax for n, _ in POLICY_CASES)
+    assert any(_precision(n).naive_softmax for n, _ in POLICY_CASES)
     assert any(_policy(n, h).fp8 is not None and _policy(n, h).fp8.head for n, h in POLICY_CASES)
     # Where the checks can tell: the low-precision policies compute below fp32.
     assert jnp.dtype(_policy("quickstart_bf16.yaml").compute_dtype) == jnp.bfloat16

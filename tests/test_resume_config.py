@@ -18,7 +18,8 @@ from sandbox import config as config_lib
 from sandbox import rundir
 from sandbox.cli import main
 from sandbox.errors import UserError
-from sandbox.runs import RESUME_MAY_CHANGE, check_resume, load_run_state
+from sandbox.runs import RESUME_MAY_CHANGE, check_resume
+from sandbox.train.setup import load_run_state
 from sandbox.train.loop import Trainer
 
 

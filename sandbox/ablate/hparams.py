@@ -30,6 +30,10 @@ import struct
 import time
 from pathlib import Path
 
+from tensorboardX.proto.event_pb2 import Event
+from tensorboardX.record_writer import masked_crc32c
+from tensorboardX.summary import hparams, scalar
+
 from sandbox import config as config_lib
 from sandbox.errors import UserError
 from sandbox.rundir import atomic_write, real_subdir
@@ -41,15 +45,11 @@ METRICS = {"hparams/val_ce": "val_ce", "hparams/train_ce": "train_ce", "hparams/
 
 
 def _record(data: bytes) -> bytes:
-    from tensorboardX.record_writer import masked_crc32c
-
     header = struct.pack("Q", len(data))
     return header + struct.pack("I", masked_crc32c(header)) + data + struct.pack("I", masked_crc32c(data))
 
 
 def _event(wall_time: float, summary=None, step: int = 0) -> bytes:
-    from tensorboardX.proto.event_pb2 import Event
-
     if summary is None:
         return _record(Event(wall_time=wall_time, file_version="brain.Event:2").SerializeToString())
     return _record(Event(wall_time=wall_time, step=step, summary=summary).SerializeToString())
@@ -85,8 +85,6 @@ def cell_hparams(exp, cell, keys: list[str]) -> dict:
 
 def write_hparams(exp, cell_value) -> list[Path]:
     """Writes tb/<cell>/hparams/ for every cell that ran; `cell_value(cell, column)` gives a metric or None."""
-    from tensorboardX.summary import hparams, scalar
-
     keys = list(dict.fromkeys(k for c in exp.cells for k in c.settings))
     written = []
     now = time.time()

@@ -31,51 +31,26 @@ in memory and written atomically; `plots/` itself must not be a link.
 
 from __future__ import annotations
 
-import io
 import math
 import textwrap
 from pathlib import Path
 
 import numpy as np
 
-from sandbox.rundir import atomic_write, real_subdir
+from sandbox.plotting import integer_ticks, new_figure, pyplot, write_figure
+from sandbox.rundir import real_subdir
 
 FP8_TENSORS_SHOWN = 4
 FORMATS = ("png", "svg")
+DPI = 110
 FIGURES = ("val_loss", "loss_scale", "fp8_scaling", "final_values", "vs_baseline")
 RETIRED_FIGURES = ("final_bars",)  # written by earlier versions
 LABEL_WIDTH = 18  # characters per line of a wrapped variant name
 CE_LABEL = "final validation cross-entropy (nats/token)"
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _figure(plt, nrows: int, ncols: int, size: tuple[float, float], **kw):
-    return plt.subplots(nrows, ncols, figsize=size, layout="constrained", squeeze=False, **kw)
-
-
-def _render(fig, fmt: str) -> bytes:
-    buf = io.BytesIO()
-    # No creation date in the SVG: the same experiment gives the same file.
-    fig.savefig(buf, format=fmt, dpi=110, metadata={"Date": None} if fmt == "svg" else None)
-    return buf.getvalue()
-
-
 def _wrap(name: str) -> str:
     return textwrap.fill(name, LABEL_WIDTH, break_long_words=True, break_on_hyphens=False)
-
-
-def _integer_ticks(axis) -> None:
-    from matplotlib.ticker import MaxNLocator
-
-    axis.set_major_locator(MaxNLocator(integer=True))
 
 
 def _legend_outside(ax) -> None:
@@ -109,7 +84,7 @@ def _zoomed_limits(values: list[float], pad_frac: float = 0.15) -> tuple[float, 
 
 
 def plot_val_loss(exp, plt):
-    fig, ((ax,),) = _figure(plt, 1, 1, (8, 4.5))
+    fig, ((ax,),) = new_figure(1, 1, (8, 4.5))
     drawn = False
     for variant in exp.variants:
         curves = [_series(c.rows("val"), "ce") for c in exp.of(variant)]
@@ -131,7 +106,7 @@ def plot_val_loss(exp, plt):
         plt.close(fig)
         return None
     ax.set_xlabel("step")
-    _integer_ticks(ax.xaxis)
+    integer_ticks(ax.xaxis)
     ax.set_ylabel("validation cross-entropy (nats/token)")
     ax.set_title(f"{exp.name}: validation loss (mean over seeds, band: min-max)")
     _legend_outside(ax)
@@ -148,7 +123,7 @@ def plot_loss_scale(exp, plt):
             scaled.append((c, s, scale, ovf))
     if not scaled:
         return None
-    fig, ((top,), (bottom,)) = _figure(plt, 2, 1, (8, 6), sharex=True)
+    fig, ((top,), (bottom,)) = new_figure(2, 1, (8, 6), sharex=True)
     for c, s, scale, ovf in scaled:
         line, = top.plot(s, np.maximum(scale, 1e-30), label=c.name)
         bottom.step(s, np.cumsum(ovf > 0), where="post", color=line.get_color(), label=c.name)
@@ -160,9 +135,9 @@ def plot_loss_scale(exp, plt):
     _legend_outside(top)
     bottom.set_ylabel("overflow events (cumulative)")
     bottom.set_title("overflow (skipped) steps so far")
-    _integer_ticks(bottom.yaxis)
+    integer_ticks(bottom.yaxis)
     bottom.set_xlabel("step")
-    _integer_ticks(bottom.xaxis)
+    integer_ticks(bottom.xaxis)
     for ax in (top, bottom):
         ax.grid(alpha=0.3)
     return fig
@@ -177,7 +152,7 @@ def plot_fp8(exp, plt):
     rows = cell.rows("train")
     names = sorted(k[: -len("_amax")] for k in rows[0] if k.startswith("fp8/") and k.endswith("_amax"))
     names = names[:FP8_TENSORS_SHOWN]
-    fig, ((top,), (bottom,)) = _figure(plt, 2, 1, (8, 6), sharex=True)
+    fig, ((top,), (bottom,)) = new_figure(2, 1, (8, 6), sharex=True)
     for name in names:
         s, amax = _series(rows, name + "_amax")
         line, = top.plot(s, amax, label=name[len("fp8/"):].replace("/Fp8DotGeneral_0", ""))
@@ -188,7 +163,7 @@ def plot_fp8(exp, plt):
     top.set_ylabel("amax")
     bottom.set_ylabel("scale")
     bottom.set_xlabel("step")
-    _integer_ticks(bottom.xaxis)
+    integer_ticks(bottom.xaxis)
     top.set_title(f"{exp.name}: fp8 delayed scaling ({cell.name}): amax history")
     bottom.set_title("quantization scale used by each step")
     _legend_outside(top)
@@ -217,7 +192,7 @@ def _variant_rows(plt, labels: list[str], ncols: int, width: float):
     wrapped = [_wrap(label) for label in labels]
     lines = max(w.count("\n") + 1 for w in wrapped)
     height = 1.8 + len(labels) * (0.2 + 0.14 * lines)
-    fig, axes = _figure(plt, 1, ncols, (width, height), sharey=True)
+    fig, axes = new_figure(1, ncols, (width, height), sharey=True)
     y = np.arange(len(labels))[::-1].astype(float)
     axes[0][0].set_yticks(y, wrapped, fontsize=8)
     axes[0][0].set_ylim(-0.6, len(labels) - 0.4)
@@ -339,7 +314,7 @@ def plot_vs_baseline(exp, rows: list[dict], plt):
 
 def build_figures(exp, rows: list[dict]) -> dict:
     """name -> matplotlib Figure, for the figures this experiment has data for."""
-    plt = _pyplot()
+    plt = pyplot()
     figures = {"val_loss": plot_val_loss(exp, plt), "loss_scale": plot_loss_scale(exp, plt),
                "fp8_scaling": plot_fp8(exp, plt), "final_values": plot_final_values(exp, rows, plt),
                "vs_baseline": plot_vs_baseline(exp, rows, plt)}
@@ -348,16 +323,11 @@ def build_figures(exp, rows: list[dict]) -> dict:
 
 def write_plots(exp, rows: list[dict], out_dir: Path) -> list[Path]:
     """Writes plots/NAME.png and NAME.svg for every figure; removes stale ones; returns the paths written."""
-    plt = _pyplot()
     out_dir = real_subdir(out_dir.parent, out_dir.name)
     for name in FIGURES + RETIRED_FIGURES:  # a plot from an earlier report must not survive; others are not ours
         for fmt in FORMATS:
             (out_dir / f"{name}.{fmt}").unlink(missing_ok=True)
     written = []
     for name, fig in build_figures(exp, rows).items():
-        try:
-            for fmt in FORMATS:
-                written.append(atomic_write(out_dir / f"{name}.{fmt}", _render(fig, fmt)))
-        finally:
-            plt.close(fig)
+        written += write_figure(fig, out_dir / name, FORMATS, dpi=DPI)
     return written

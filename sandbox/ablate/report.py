@@ -37,8 +37,11 @@ from pathlib import Path
 
 import numpy as np
 
+from sandbox.ablate.hparams import write_hparams
+from sandbox.ablate.plots import write_plots
 from sandbox.ablate.runner import cell_status, read_summary
 from sandbox.errors import UserError
+from sandbox.floatio import show_value
 from sandbox.logger import read_metrics
 from sandbox.rundir import atomic_write, check_name
 
@@ -262,12 +265,8 @@ def summarize(exp: Experiment) -> tuple[list[dict], float | None]:
 
 
 def _fmt(v, std=None) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        text = f"{v:.4g}" if math.isfinite(v) else str(v)
-        return text + (f" ± {std:.2g}" if std is not None else "")
-    return str(v)
+    spread = f" ± {std:.2g}" if isinstance(v, float) and std is not None else ""
+    return show_value(v) + spread
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
@@ -314,9 +313,6 @@ def markdown_table(exp: Experiment, rows: list[dict], target: float | None) -> s
 
 def write_report(exp_dir: str | Path) -> dict:
     """Writes table.md, summary.csv, plots/*.{png,svg} and the cells' TensorBoard hparams; returns their paths."""
-    from sandbox.ablate.hparams import write_hparams
-    from sandbox.ablate.plots import write_plots
-
     exp = load_experiment(exp_dir)
     rows, target = summarize(exp)
     table = atomic_write(exp.dir / "table.md", markdown_table(exp, rows, target))

@@ -10,14 +10,17 @@ Layout of an experiment directory:
     cells/<cell>/          each cell's run directory (summary.json, metrics.jsonl, checkpoints)
     logs/<cell>.log        the cell process's stdout and stderr
     logs/<cell>.json       its last exit code, wall time and stderr tail
-    logs/<cell>.progress.json   the step a running cell has reached (worker.py writes it)
+    logs/<cell>.progress.json   the step a running cell has reached (`sandbox train --progress`)
     tb/<cell>/             TensorBoard events: `tensorboard --logdir EXPERIMENT/tb` overlays all
     table.md, summary.csv, plots/   written by report.py
 
 Why processes: a cell that crashes (or leaks device memory) cannot take the
 others down, and `--jobs N` is just N waiting threads around N processes.
-The main thread shows what each running cell is doing: the worker's hook
-writes the step it reached to logs/<cell>.progress.json at log intervals
+Each cell is `sandbox train CONFIG --resume --tb-dir EXPERIMENT/tb/<cell>
+--progress logs/<cell>.progress.json`: the same command a user runs, so a
+cell behaves (exit codes, stop requests, summary) exactly like a run.
+The main thread shows what each running cell is doing: the train command's
+`--progress` hook (sandbox.logger.ProgressFile) writes the step it reached to logs/<cell>.progress.json at log intervals
 (metrics.jsonl is buffered, so its tail lags), and `_Progress` draws a bar
 per running cell on a terminal, or, in a log, a line when a cell starts, a
 `running:` line with every running cell's step at most every LINE_EVERY_S,
@@ -47,6 +50,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from sandbox import config as config_lib
 from sandbox import rundir
@@ -131,8 +135,8 @@ def run_cell(cell: Cell, exp_dir: Path) -> Outcome:
     cfg_path = exp_dir / "configs" / f"{cell.name}.yaml"
     progress = progress_path(exp_dir, cell.name)
     progress.unlink(missing_ok=True)  # an earlier attempt's step is not this one's
-    cmd = [sys.executable, "-m", "sandbox.ablate.worker", str(cfg_path), "--tb-dir", str(exp_dir / "tb" / cell.name),
-           "--progress", str(progress)]
+    cmd = [sys.executable, "-m", "sandbox", "train", str(cfg_path), "--resume",
+           "--tb-dir", str(exp_dir / "tb" / cell.name), "--progress", str(progress)]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
     wall = time.perf_counter() - t0
@@ -178,8 +182,6 @@ class _Progress:
         self.tasks: dict[str, int] = {}  # running cell -> its bar (terminal) or last step shown (lines)
         self.last_line = time.monotonic()
         if sys.stderr.isatty():
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
             self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                 TimeElapsedColumn(), TextColumn("{task.fields[state]}"))
             self.overall = self.bar.add_task("[bold]cells", total=total, completed=done, state="")

@@ -33,8 +33,8 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -42,6 +42,7 @@ import numpy as np
 from sandbox.data import builtin
 from sandbox.data.tokenizer import BPETokenizer, ByteTokenizer, Tokenizer
 from sandbox.errors import UserError
+from sandbox.rundir import file_sha256
 
 
 def _check_file(path: Path) -> None:
@@ -65,20 +66,12 @@ def _checksum_path(path: Path) -> Path:
     return path.with_name(path.name + ".sha256")
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _save_atomic(path: Path, tokens: np.ndarray) -> None:
     """The array, then its checksum, each written to a temp file and renamed (see the module doc)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
     np.save(tmp, tokens, allow_pickle=False)
-    digest = _file_sha256(tmp)
+    digest = file_sha256(tmp)
     os.replace(tmp, path)
     tmp_sum = _checksum_path(tmp)
     tmp_sum.write_text(digest, encoding="utf-8")
@@ -91,7 +84,7 @@ def _cache_damage(path: Path, vocab_size: int) -> tuple[np.ndarray | None, str |
         expected = _checksum_path(path).read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError):
         return None, "no checksum"
-    if _file_sha256(path) != expected:
+    if file_sha256(path) != expected:
         return None, "checksum mismatch"
     try:
         tokens = np.load(path, mmap_mode="r", allow_pickle=False)

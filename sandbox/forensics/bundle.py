@@ -40,13 +40,11 @@ metrics.jsonl and summary.json do.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import jax
 import ml_dtypes
@@ -56,7 +54,9 @@ from safetensors.numpy import load_file, save_file
 
 from sandbox import config as config_lib
 from sandbox.errors import UserError
+from sandbox.floatio import NONFINITE_WORDS, json_float
 from sandbox.precision.policy import make_policy
+from sandbox.rundir import file_sha256
 
 FORMAT = "sandbox-failure-bundle/1"
 META, STATE, BATCH, SUMMARY = "meta.json", "state.safetensors", "batch.safetensors", "summary.txt"
@@ -72,7 +72,6 @@ MAX_STEP = 2**31 - 1  # state.step is an int32
 MAX_ELEMENTS = 2**34  # of one array: far beyond any model this sandbox trains
 MAX_HISTORY = 100_000  # metric rows
 _RECORDED = ("loss", "grad_norm", "nonfinite", "loss_scale")
-_NONFINITE_WORDS = frozenset({"nan", "inf", "-inf"})  # how _json_safe writes them
 
 
 @dataclass
@@ -123,16 +122,6 @@ def _decode(stored: dict, info: dict, what: Path) -> dict[str, np.ndarray]:
     return out
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _json_safe(v: Any):
-    if isinstance(v, float) and not math.isfinite(v):
-        return str(v)  # JSON has no nan/inf
-    return v
-
-
 def pre_failure_state(state, failed_step: int):
     """The held (frozen) state as it was when the bad step started: counter rewound, guard cleared."""
     g = state.guard
@@ -157,7 +146,7 @@ def save_bundle(path: Path, cfg: config_lib.Config, state, batch: dict, failed_s
     save_file(stored_b, str(path / BATCH))
 
     done = failed_step + 1  # history rows are keyed by steps completed
-    rows = [{k: _json_safe(v) for k, v in r.items()} for r in history if r["step"] <= done]
+    rows = [{k: json_float(v) for k, v in r.items()} for r in history if r["step"] <= done]
     failed_row = next((r for r in rows if r["step"] == done), {})
     recorded = {k: failed_row[k] for k in ("loss", "grad_norm", "nonfinite", "loss_scale") if k in failed_row}
     summary = _summary_text(cfg, failed_step, recorded, path)
@@ -174,7 +163,7 @@ def save_bundle(path: Path, cfg: config_lib.Config, state, batch: dict, failed_s
         "history": rows,
         "state_leaves": state_info,
         "batch_leaves": batch_info,
-        "sha256": {name: _sha256(path / name) for name in (STATE, BATCH, SUMMARY)},
+        "sha256": {name: file_sha256(path / name) for name in (STATE, BATCH, SUMMARY)},
     }
     (path / META).write_text(json.dumps(meta, indent=1), encoding="utf-8")
     return path
@@ -232,9 +221,9 @@ def _int_in(meta: dict, path: Path, field: str, lo: int, hi: int) -> int:
 
 
 def _metric(value) -> bool:
-    """A recorded metric: a number, a bool, or a non-finite number as _json_safe writes it."""
+    """A recorded metric: a number, a bool, or a non-finite number as json_float writes it."""
     if isinstance(value, str):
-        return value in _NONFINITE_WORDS
+        return value in NONFINITE_WORDS
     return value is None or isinstance(value, (int, float))
 
 
@@ -334,7 +323,7 @@ def load_bundle(path: str | Path) -> Bundle:
         f = path / name
         if not f.is_file():
             raise UserError(f"{f}: missing from the bundle")
-        if _sha256(f) != digest:
+        if file_sha256(f) != digest:
             kind = " (a pickle, refused)" if f.read_bytes()[:1] == b"\x80" else ""
             raise UserError(f"{f}: checksum mismatch, the bundle was modified or damaged{kind}")
     try:

@@ -3,7 +3,7 @@
 Design
 ------
 1. Rebuild. The bundle's resolved config rebuilds the StepContext exactly as
-   the run did (`loop.build`); `jax.eval_shape(initial_state)` gives the
+   the run did (the one builder, `train.setup.build`); `jax.eval_shape(initial_state)` gives the
    state's structure without computing anything, and the bundle's arrays fill
    it leaf by leaf (paths, dtypes and shapes must all match).
 2. Reproduce. The jitted `train_step` runs on the bundle's batch. It must flag
@@ -51,7 +51,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from sandbox import config as config_lib
 from sandbox.errors import UserError
@@ -59,6 +58,8 @@ from sandbox.forensics.bundle import Bundle, leaf_key
 from sandbox.forensics.causes import classify_divergence
 from sandbox.forensics.localize import Localization, Origin, format_origin, localize
 from sandbox.forensics.remedies import RANGE_CAUSES, SCALE_PROBE_FACTOR, Remedy, RunFacts, suggest
+from sandbox.train import step as step_lib
+from sandbox.train.setup import build, initial_state
 
 
 @dataclasses.dataclass
@@ -104,8 +105,6 @@ def _same(recorded, replayed: float) -> bool:
 
 def rebuild_state(run, bundle: Bundle):
     """The bundle's arrays in the structure `initial_state(run)` would have."""
-    from sandbox.train.loop import initial_state
-
     abstract = jax.eval_shape(lambda: initial_state(run))
     paths, treedef = jax.tree_util.tree_flatten_with_path(abstract)
     keys = [leaf_key(p) for p, _ in paths]
@@ -127,23 +126,20 @@ def _localize_grads(ctx, state, batch, step: int, frozen=None, scale=None) -> Lo
 
     `scale`: the loss scale to replay at (default: the state's, as the step ran).
     """
-    from sandbox.train.step import microbatch_grads
-
-    key = jax.random.fold_in(jax.random.key(ctx.seed), step)
     n = ctx.accum_steps
-    beta = ctx.kl.beta_at(state.step) if ctx.kl else 0.0
+    beta = step_lib.kl_beta(ctx, state.step)
     ref_fn = jax.jit(ctx.kl.logits) if ctx.kl else None  # one compile for all microbatches
     scale = np.asarray(state.loss_scale.scale if scale is None else scale, np.float32)
-    for i in range(n):  # microbatches in the order the step runs them
-        mb = {k: v.reshape(n, v.shape[0] // n, *v.shape[1:])[i] for k, v in batch.items()}
+    for i in range(n):  # microbatches in the order the step runs them, split and keyed by the step's code
+        mb = step_lib.microbatch(batch, n, i)
         # The frozen reference is a constant of the step (no gradients): computed outside the localizer.
         ref_logits = ref_fn(frozen, mb["inputs"]) if ref_fn else None
 
         def grads_fn(params, fp8_meta, inputs, targets, scale, _i=i, _ref=ref_logits):
             # The loss comes first: the localizer calls the ops the first output depends on
             # (model forward, objective value) the forward pass, the rest backward.
-            grads, observed, loss, *_ = microbatch_grads(ctx, params, fp8_meta, inputs, targets, scale,
-                                                         jax.random.fold_in(key, _i), _ref, beta)
+            grads, observed, loss, *_ = step_lib.microbatch_grads(ctx, params, fp8_meta, inputs, targets, scale,
+                                                                  step_lib.microbatch_key(ctx, step, _i), _ref, beta)
             return loss, grads, observed
 
         found = localize(grads_fn, state.params, state.fp8_meta, mb["inputs"], mb["targets"], scale)
@@ -153,17 +149,21 @@ def _localize_grads(ctx, state, batch, step: int, frozen=None, scale=None) -> Lo
 
 
 def _localize_update(ctx, state, batch, step: int, frozen=None) -> Localization:
-    """Finite gradients but a non-finite new state: localize the optimizer update itself."""
-    from sandbox.train.step import _accumulate
+    """Finite gradients but a non-finite new state: localize the optimizer update itself.
 
-    key = jax.random.fold_in(jax.random.key(ctx.seed), step)
-    grads, *_ = jax.jit(lambda s, b, f: _accumulate(ctx, s, b, key, f))(state, batch, frozen)
-    grads32 = jax.device_get(jax.tree.map(lambda g: g / ctx.accum_steps,
-                                          ctx.scaler.unscale(grads, state.loss_scale)))
+    The gradients are the step's own (`step.accumulate` at this step's index, `step.unscaled`).
+    """
+    state = state._replace(step=np.int32(step))  # the index seeds the step's dropout keys
+
+    def grads_of(s, b, f):
+        grads, *_ = step_lib.accumulate(ctx, s, b, f)
+        return step_lib.unscaled(ctx, grads, s.loss_scale)
+
+    grads32 = jax.device_get(jax.jit(grads_of)(state, batch, frozen))
 
     def update(g, opt_state, params):
-        updates, new_opt = ctx.tx.update(ctx.policy.cast_to_param(g), opt_state, params)
-        return optax.apply_updates(params, updates), new_opt  # Adam's moments can overflow too
+        _, new_params, new_opt = step_lib.optimizer_update(ctx, g, opt_state, params)
+        return new_params, new_opt  # Adam's moments can overflow too
 
     return localize(update, grads32, state.opt_state, state.params)
 
@@ -201,9 +201,6 @@ def _with_remedies(origin: Origin | None, remedies: list[Remedy]) -> Origin | No
 
 
 def replay(bundle: Bundle) -> ReplayReport:
-    from sandbox.train.loop import build
-    from sandbox.train.step import train_step
-
     # One device, whatever mesh the run had (the step is the same function), and no data
     # pipeline: the bundle holds the batch.
     cfg = config_lib.replace(bundle.cfg, mesh={"data": 1, "fsdp": 1})
@@ -213,8 +210,8 @@ def replay(bundle: Bundle) -> ReplayReport:
     batch = {k: np.asarray(v) for k, v in bundle.batch.items()}
     step = bundle.failed_step  # 0-based: it seeds the step's RNG
     # A KL run's reference is loaded again from the path in its config (build() checks it).
-    frozen = run.extra["frozen"][0] if run.extra["frozen"] else None
-    _, metrics = jax.jit(lambda s, b, f: train_step(s, b, f, ctx=ctx))(host_state, batch, frozen)
+    frozen = run.frozen[0] if run.frozen else None
+    _, metrics = jax.jit(lambda s, b, f: step_lib.train_step(s, b, f, ctx=ctx))(host_state, batch, frozen)
     metrics = jax.device_get(metrics)
     loss = float(metrics["loss"])
     recorded = bundle.meta.get("recorded", {})

@@ -85,7 +85,7 @@ from jax import lax
 from sandbox.errors import UserError
 
 FP8_META = "fp8_meta"  # Flax collection holding amax histories and scales
-FP8_STATS = "fp8_stats"  # Flax collection sown by telemetry=True
+FP8_STATS = "fp8_stats"  # Flax collection of saturation/flush fractions, sown when the caller makes it mutable
 TENSORS = ("input", "kernel", "output_grad")
 AMAX_ALGOS = ("max", "most_recent")
 
@@ -279,7 +279,6 @@ class Fp8DotGeneral(nn.Module):
     bwd_dtype: Any = jnp.float8_e5m2  # format of output gradients (e4m3 = all-E4M3)
     history_len: int = 16  # amaxes remembered per tensor
     margin: int = 0  # scale headroom in powers of two, applied by update_meta
-    telemetry: bool = False  # sow saturation/flush fractions into FP8_STATS
 
     def _meta(self, name):
         history = self.variable(
@@ -295,7 +294,7 @@ class Fp8DotGeneral(nn.Module):
         quantized = []
         for name, x in (("input", lhs), ("kernel", rhs)):
             scale, history = self._meta(name)
-            if self.telemetry:
+            if self.is_mutable_collection(FP8_STATS):  # telemetry: the caller asked for the stats
                 for stat, value in _telemetry(x, self.fwd_dtype, scale).items():
                     self.sow(FP8_STATS, f"{name}_{stat}", value)
             quantized.append(in_qdq(self.fwd_dtype, x, scale, history))

@@ -74,6 +74,13 @@ class LossScaler:
         if self.growth_interval < 1:
             raise UserError(f"loss scale growth_interval must be >= 1, got {self.growth_interval}")
 
+    @classmethod
+    def from_config(cls, ls_cfg, mode: str) -> "LossScaler":
+        """The scaler a validated `config.LossScaleConfig` describes; `mode`: the policy's resolved mode
+        (the section's `auto` stands for the policy's default, so the policy resolves it)."""
+        fields = {f.name: getattr(ls_cfg, f.name) for f in dataclasses.fields(cls) if f.name != "mode"}
+        return cls(mode=mode, **fields)
+
     def init(self) -> LossScaleState:
         scale = 1.0 if self.mode == "none" else self.init_scale
         return LossScaleState(jnp.asarray(scale, jnp.float32), jnp.asarray(0, jnp.int32))

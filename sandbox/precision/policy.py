@@ -13,13 +13,16 @@ a static jit argument) that answers four questions:
   produced in `softmax_dtype` by the dot itself, `preferred_element_type`),
   the attention softmax, the logits (the head dot outputs `output_dtype`, fp8
   head included), log-softmax and the loss are fp32 in every shipped policy
-  except the deliberately failing `naive_softmax` ablation;
+  (the deliberately failing naive-softmax ablation is a model option,
+  `GPT.naive_softmax`, not a precision);
 * how matmuls run: the `lax.Precision` (fp32 = HIGHEST; GPUs otherwise use
   TF32 silently, so `tf32` is its own policy) and, for fp8, the dot_general
   with delayed scaling (see `fp8.py`).
 
 The gradient side (loss scaling) lives in `loss_scale.py`; the policy only
-says which scaler it wants. Presets can be written field by field or as a
+says which scaler it wants. What a step measures (telemetry) is the step's
+business (`train.step.StepContext.telemetry`), not the policy's. The fp8
+settings are the validated `config.Fp8Config` section itself (one schema). Presets can be written field by field or as a
 jmp-style string, e.g. `params=float32,compute=bfloat16,output=float32`.
 """
 
@@ -33,7 +36,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from sandbox.config import Fp8Config
 from sandbox.errors import UserError
+from sandbox.precision.fp8 import Fp8DotGeneral
 
 DTYPES = {
     "float32": jnp.float32, "f32": jnp.float32, "fp32": jnp.float32,
@@ -45,18 +50,6 @@ _KEY_ALIASES = {"p": "params", "param": "params", "c": "compute", "o": "output",
 
 
 @dataclass(frozen=True)
-class Fp8Settings:
-    """Delayed-scaling fp8 matmuls: formats, amax history and margin."""
-
-    fwd_dtype: str = "e4m3"
-    bwd_dtype: str = "e5m2"
-    history_len: int = 16
-    margin: int = 0
-    amax_algo: str = "max"
-    head: bool = False
-
-
-@dataclass(frozen=True)
 class Policy:
     name: str
     param_dtype: jnp.dtype = jnp.float32  # storage of parameters and updates
@@ -65,9 +58,7 @@ class Policy:
     softmax_dtype: jnp.dtype = jnp.float32  # attention scores -> probabilities
     matmul_precision: str = "highest"  # 'highest' (true fp32) or 'default' (TF32 on GPUs)
     loss_scaling: str = "none"  # the scaler this policy wants: none | dynamic | static
-    naive_softmax: bool = False  # teaching ablation: exp/sum in compute dtype, no max
-    fp8: Fp8Settings | None = None
-    telemetry: bool = True
+    fp8: Fp8Config | None = None
 
     # -- casts -----------------------------------------------------------
     def cast_to_compute(self, params):
@@ -88,26 +79,23 @@ class Policy:
         """The dot_general module class for nn.Dense, or None for lax.dot_general."""
         if self.fp8 is None or (head and not self.fp8.head):
             return None
-        from sandbox.precision.fp8 import Fp8DotGeneral
-
         return functools.partial(Fp8DotGeneral, fwd_dtype=FP8_DTYPES[self.fp8.fwd_dtype],
                                  bwd_dtype=FP8_DTYPES[self.fp8.bwd_dtype],
-                                 history_len=self.fp8.history_len, margin=self.fp8.margin,
-                                 telemetry=self.telemetry)
+                                 history_len=self.fp8.history_len, margin=self.fp8.margin)
 
     # -- attention softmax -------------------------------------------------
-    def attention_softmax(self, scores, mask):
+    def attention_softmax(self, scores, mask, naive: bool = False):
         """Probabilities over the last axis, returned in the compute dtype.
 
         Stable: exp(log_softmax(x)) in `softmax_dtype` (probabilities only ever
         come from log-space), with the max subtracted *before* the log-sum-exp:
         exp(x - logsumexp(x)) would round logsumexp(x) at the scores' magnitude
-        first (5e-4 relative error at scores ~1e4 in fp32). Naive (the ablation):
+        first (5e-4 relative error at scores ~1e4 in fp32). `naive` (the ablation):
         exp(x) / sum(exp(x)) in the compute dtype, which overflows for scores
         past log(dtype max).
         """
         with jax.named_scope("softmax"):
-            if self.naive_softmax:
+            if naive:
                 e = jnp.where(mask, jnp.exp(scores.astype(self.compute_dtype)), 0)
                 return (e / jnp.sum(e, axis=-1, keepdims=True)).astype(self.compute_dtype)
             s = jnp.where(mask, scores.astype(self.softmax_dtype), -jnp.inf)
@@ -121,8 +109,6 @@ class Policy:
         if self.fp8:
             parts.append(f"fp8={self.fp8.fwd_dtype}/{self.fp8.bwd_dtype} hist={self.fp8.history_len} "
                          f"margin={self.fp8.margin}")
-        if self.naive_softmax:
-            parts.append("naive_softmax")
         return ", ".join(parts)
 
 
@@ -139,7 +125,7 @@ PRESETS = {
     # Low-precision inputs need no HIGHEST (and on Hopper it would block the fp8 GEMM rewrite).
     "bf16": Policy("bf16", compute_dtype=jnp.bfloat16, matmul_precision="default"),
     "fp16": Policy("fp16", compute_dtype=jnp.float16, loss_scaling="dynamic", matmul_precision="default"),
-    "fp8": Policy("fp8", compute_dtype=jnp.bfloat16, fp8=Fp8Settings(), matmul_precision="default"),
+    "fp8": Policy("fp8", compute_dtype=jnp.bfloat16, fp8=Fp8Config(), matmul_precision="default"),
     "bf16_pure": Policy("bf16_pure", param_dtype=jnp.bfloat16, compute_dtype=jnp.bfloat16,
                         matmul_precision="default"),
     "fp16_noscale": Policy("fp16_noscale", compute_dtype=jnp.float16, matmul_precision="default"),
@@ -147,7 +133,9 @@ PRESETS = {
 
 
 def parse_policy_string(text: str) -> Policy:
-    """'params=float32,compute=bfloat16,output=float32' (jmp style; p=/c=/o=/s= too)."""
+    """A preset name ('bf16'), or 'params=float32,compute=bfloat16,output=float32' (jmp style; p=/c=/o=/s= too)."""
+    if text in PRESETS:
+        return PRESETS[text]
     fields = {"params": "float32", "compute": "float32", "output": None, "softmax": "float32"}
     for part in text.split(","):
         if "=" not in part:
@@ -171,22 +159,13 @@ def parse_policy_string(text: str) -> Policy:
 
 
 def make_policy(precision_cfg) -> Policy:
-    """The Policy a `precision:` config section describes."""
-    name = precision_cfg.policy
-    policy = PRESETS.get(name) or parse_policy_string(name)
+    """The Policy a `precision:` config section describes (its fp8 section is taken as is), or the policy
+    a string names (a preset or a jmp-style string), as `make_policy('fp16')` in user code."""
+    if isinstance(precision_cfg, str):
+        return parse_policy_string(precision_cfg)
+    policy = parse_policy_string(precision_cfg.policy)
     ls_mode = precision_cfg.loss_scale.mode
-    f = precision_cfg.fp8
-    changes = dict(naive_softmax=precision_cfg.naive_softmax, telemetry=precision_cfg.telemetry,
-                   loss_scaling=policy.loss_scaling if ls_mode == "auto" else ls_mode)
+    changes = dict(loss_scaling=policy.loss_scaling if ls_mode == "auto" else ls_mode)
     if policy.fp8 is not None:
-        changes["fp8"] = Fp8Settings(f.fwd_dtype, f.bwd_dtype, f.history_len, f.margin, f.amax_algo, f.head)
+        changes["fp8"] = precision_cfg.fp8
     return dataclasses.replace(policy, **changes)
-
-
-def make_loss_scaler(policy: Policy, ls_cfg):
-    from sandbox.precision.loss_scale import LossScaler
-
-    return LossScaler(mode=policy.loss_scaling, init_scale=ls_cfg.init_scale,
-                      growth_factor=ls_cfg.growth_factor, backoff_factor=ls_cfg.backoff_factor,
-                      growth_interval=ls_cfg.growth_interval, min_scale=ls_cfg.min_scale,
-                      max_scale=ls_cfg.max_scale)

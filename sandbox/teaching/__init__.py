@@ -8,18 +8,18 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text  # plain Text: "E[x^2]" is data, not rich markup
+
 
 def print_table(title: str, headers: Sequence[str], rows: Iterable[Sequence[str]], notes: Iterable[str] = ()) -> None:
     """Print a table and the explanation lines under it.
 
     Piped output and tests get a console wide enough that no cell is wrapped
     or cut (rich would otherwise assume 80 columns); terminals keep their own
-    width. rich is imported here, not at module level, so `teaching.formats`
-    stays cheap for the precision code that imports it.
+    width.
     """
-    from rich.console import Console
-    from rich.table import Table
-    from rich.text import Text  # plain Text: "E[x^2]" is data, not rich markup
 
     console = Console()
     if not console.is_terminal:

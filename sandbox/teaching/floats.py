@@ -138,12 +138,24 @@ def render_values(rows: Sequence[FloatRow]) -> None:
     print_table("What each format stores", headers, cells, notes)
 
 
+def _power_of_two(x: float) -> str:
+    """'2^-7' for a power of two (how the limits are defined), else 4 significant digits."""
+    mantissa, exponent = math.frexp(x)
+    return f"2^{exponent - 1}" if mantissa == 0.5 else f"{x:.4g}"
+
+
 def render_formats(formats: Sequence[FloatFormat]) -> None:
-    rows = format_rows(formats)
-    headers = list(rows[0])
-    cells = [[_with_power_of_two(v) if isinstance(v, float) else str(v) for v in row.values()] for row in rows]
+    """One compact row per format (readable at 100 columns); exact decimal limits in the notes."""
+    headers = ("format", "bits", "exp", "mant", "bias", "max", "min normal", "min subnormal", "epsilon", "inf")
+    cells = [(f.name, str(f.bits), str(f.exponent_bits), str(f.mantissa_bits), str(f.exponent_bias),
+              _power_of_two(f.max) if f.max > 1e6 else _number(f.max), _power_of_two(f.smallest_normal),
+              _power_of_two(f.smallest_subnormal), _power_of_two(f.epsilon), "yes" if f.has_inf else "no: NaN")
+             for f in formats]
     notes = [
         "epsilon: gap between 1 and the next value (2^-mantissa bits): the relative precision.",
+        "dtypes and exact limits: " + "; ".join(
+            f"{f.name} = {f.dtype.name}, epsilon {_with_power_of_two(f.epsilon)}, "
+            f"min subnormal {_with_power_of_two(f.smallest_subnormal)}" for f in formats),
         "All values computed from ml_dtypes.finfo / numpy.finfo.",
     ]
     print_table("Floating-point formats", headers, cells, notes)

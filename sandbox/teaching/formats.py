@@ -24,6 +24,11 @@ import numpy as np
 from sandbox.errors import UserError
 
 
+def _from_finfo(field: str, cast: type, doc: str = "") -> property:
+    """A read-only property: `cast(ml_dtypes.finfo(dtype).<field>)`."""
+    return property(lambda self: cast(getattr(self.finfo, field)), doc=doc)
+
+
 @dataclass(frozen=True)
 class FloatFormat:
     """One number format: its name, numpy dtype and a one-line description."""
@@ -36,40 +41,18 @@ class FloatFormat:
     def finfo(self):
         return ml_dtypes.finfo(self.dtype)
 
-    @property
-    def bits(self) -> int:
-        return int(self.finfo.bits)
-
-    @property
-    def exponent_bits(self) -> int:
-        return int(self.finfo.nexp)
-
-    @property
-    def mantissa_bits(self) -> int:
-        """Stored fraction bits (the leading 1 of normal numbers is implicit)."""
-        return int(self.finfo.nmant)
+    bits = _from_finfo("bits", int)
+    exponent_bits = _from_finfo("nexp", int)
+    mantissa_bits = _from_finfo("nmant", int, "Stored fraction bits (the leading 1 of normal numbers is implicit).")
+    max = _from_finfo("max", float)
+    smallest_normal = _from_finfo("smallest_normal", float)
+    smallest_subnormal = _from_finfo("smallest_subnormal", float)
+    epsilon = _from_finfo("eps", float, "Gap between 1 and the next larger value: 2**-mantissa_bits.")
 
     @property
     def exponent_bias(self) -> int:
         # The smallest normal exponent is 1 - bias for every format here.
         return int(1 - self.finfo.minexp)
-
-    @property
-    def max(self) -> float:
-        return float(self.finfo.max)
-
-    @property
-    def smallest_normal(self) -> float:
-        return float(self.finfo.smallest_normal)
-
-    @property
-    def smallest_subnormal(self) -> float:
-        return float(self.finfo.smallest_subnormal)
-
-    @property
-    def epsilon(self) -> float:
-        """Gap between 1 and the next larger value: 2**-mantissa_bits."""
-        return float(self.finfo.eps)
 
     @property
     def has_inf(self) -> bool:

@@ -4,8 +4,11 @@ Events, each called with keyword arguments:
 
 * `on_step_end(step, metrics, state)`: after every step. Metrics reach the
   host only at log intervals (no sync inside the step), so these calls come
-  in batches then, one per step in order; `state` is the latest state, given
-  with the last call of a batch only (None otherwise).
+  in batches then, one per step in order; `state` is the latest state the
+  loop holds, given with the last call of a batch only (None otherwise). The
+  loop reads a log interval back after dispatching the next step, so that
+  state may be one step past `step` (and a stop a hook requests then takes
+  effect after that step).
 * `on_eval(step, metrics, state)`: after each validation pass.
 * `on_overflow(step, metrics, state)`: the loss scaler skipped a step (metrics: the
   overflow event: the scale this step used and the one the next step uses, read

@@ -15,19 +15,16 @@ One step, in order:
    the new state (parameters, optimizer moments: a finite gradient of 1e20
    squares to inf in Adam's nu, fp8 meta, loss scale), never enters the
    state. Skips are a select between old and new state (0 x NaN is NaN).
-   With a dynamic loss scaler a non-finite gradient is a normal overflow
-   event (skip, back off); otherwise it is a failure, recorded in
-   `guard.failed_step`, and with nan_policy halt/capture the state then
-   freezes, so the state the host reads later is exactly the state before
-   the bad step (the bundle needs it; the host reads flags only at log
-   intervals, never inside the step).
-6. stall: `guard.consecutive_skips` counts steps in a row that applied no
-   update (overflow, nan_policy=skip, spike), `guard.floor_overflows` the
-   overflows in a row that began at the scaler's min_scale. Past either
-   limit (forensics.max_skipped_steps / min_scale_overflows) the step is a
-   stall: recorded in `guard.stalled_step`, and the state freezes whatever
-   the nan_policy, since a run that cannot update is not training. So is the
-   run's last step (`total_steps`) when no step of the run applied an update.
+   What is skipped, failed, held or stalled is decided by the pure table in
+   `train/guard.py` (overflow vs failure, spikes, nan_policy, stalls); the
+   host reads its flags only at log intervals, never inside the step.
+
+What varies between compiled variants is a field of the static StepContext
+(`telemetry`, `guard`), never of the policy or the model: one step
+function, one compiled variant per distinct context. The pieces the step is
+made of (`microbatch`, `microbatch_key`, `kl_beta`, `microbatch_grads`,
+`accumulate`, `unscaled`, `optimizer_update`) are public, so forensics'
+replay runs the step's own code, not a copy of it.
 
 Step numbering: `guard.failed_step`/`stalled_step` hold the 0-based index of
 the step (`state.step` before it); the host names a step by `state.step`
@@ -52,7 +49,8 @@ from sandbox.precision.fp8 import FP8_STATS, combine_observed, update_fp8_meta
 from sandbox.precision.loss_scale import LossScaler, all_finite, nonfinite_leaf_mask, select_tree
 from sandbox.precision.policy import FP8_DTYPES, Policy
 from sandbox.reference import frozen_logits, precision_drift
-from sandbox.train.state import GuardState, TrainState
+from sandbox.train.guard import Checks, GuardRules, decide, spike
+from sandbox.train.state import TrainState
 
 
 @dataclass(frozen=True)
@@ -74,6 +72,7 @@ class StepContext:
     min_scale_overflows: int = 3  # stall after this many overflows in a row at min_scale (0 = never)
     total_steps: int = 0  # the run's last step stalls if no step applied an update (0 = no such check)
     collect_stats: bool = False  # per-block activation statistics
+    telemetry: bool = True  # underflow/overflow/lost-update/fp8 statistics (precision.telemetry[_every])
     guard: bool = True  # False only to measure the guard's cost (scripts/bench_step.py): updates always applied
     naive_log_softmax: bool = False  # teaching ablation: the loss takes log(softmax) (objectives.py)
     kl: Any = None  # reference.KLTerm when objective.kl is on; its weights come in as `frozen`
@@ -81,8 +80,14 @@ class StepContext:
 
     @property
     def mutable(self) -> list[str]:
-        cols = [FP8_STATS] if self.policy.fp8 is not None and self.policy.telemetry else []
+        cols = [FP8_STATS] if self.policy.fp8 is not None and self.telemetry else []
         return cols + ([STATS] if self.collect_stats else [])
+
+    @property
+    def guard_rules(self) -> GuardRules:
+        return GuardRules(nan_policy=self.nan_policy, dynamic=self.scaler.mode == "dynamic",
+                          max_skipped_steps=self.max_skipped_steps, min_scale_overflows=self.min_scale_overflows,
+                          total_steps=self.total_steps, enabled=self.guard)
 
 
 def forward(ctx: StepContext, params, fp8_meta, inputs_BT, *, key=None, mutable=()):
@@ -125,7 +130,7 @@ def microbatch_grads(ctx: StepContext, params, fp8_meta, inputs_BT, targets_BT, 
     (loss, parts), dlogits = jax.value_and_grad(objective, has_aux=True)(logits)
     dlogits_scaled = dlogits * scale.astype(dlogits.dtype)
     aux = dict(parts)
-    if policy.telemetry and jnp.dtype(policy.compute_dtype) != jnp.float32:
+    if ctx.telemetry and jnp.dtype(policy.compute_dtype) != jnp.float32:
         aux.update(_boundary_stats(dlogits_scaled, policy.compute_dtype))
     grads, observed = vjp_fn(dlogits_scaled)
     sown = jax.tree.map(lambda x: x[0] if isinstance(x, tuple) else x, sown,
@@ -137,19 +142,42 @@ def _to_f32(tree):
     return jax.tree.map(lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
-def _accumulate(ctx: StepContext, state: TrainState, batch, key, frozen=None):
-    """Microbatch results combined: grads summed in fp32, amaxes and activation stats max-reduced."""
+def split_microbatches(batch, n: int):
+    """The batch as [n, B/n, ...] arrays: microbatch i is row i (the order the step runs them)."""
+    return jax.tree.map(lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:]), batch)
+
+
+def microbatch(batch, n: int, i: int):
+    """Microbatch `i` of `n` of a batch, as the step splits it."""
+    return jax.tree.map(lambda x: x[i], split_microbatches(batch, n))
+
+
+def microbatch_key(ctx: StepContext, step, i):
+    """The dropout key of microbatch `i` of the step at 0-based index `step` (`state.step` before it)."""
+    return jax.random.fold_in(jax.random.fold_in(jax.random.key(ctx.seed), step), i)
+
+
+def kl_beta(ctx: StepContext, step):
+    """The KL term's weight at the step (0.0 without a KL term)."""
+    return ctx.kl.beta_at(step) if ctx.kl else 0.0
+
+
+def accumulate(ctx: StepContext, state: TrainState, batch, frozen=None):
+    """Microbatch results combined: scaled grads summed in fp32, amaxes and activation stats max-reduced.
+
+    Returns (grads, observed, loss, aux, sown), the loss and aux averaged over microbatches.
+    """
     n = ctx.accum_steps
-    beta = ctx.kl.beta_at(state.step) if ctx.kl else 0.0
+    beta = kl_beta(ctx, state.step)
 
     def run(i, mb):
         ref_logits = ctx.kl.logits(frozen, mb["inputs"]) if ctx.kl else None
         return microbatch_grads(ctx, state.params, state.fp8_meta, mb["inputs"], mb["targets"],
-                                state.loss_scale.scale, jax.random.fold_in(key, i), ref_logits, beta)
+                                state.loss_scale.scale, microbatch_key(ctx, state.step, i), ref_logits, beta)
 
     if n == 1:
         return run(0, batch)
-    mbs = jax.tree.map(lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:]), batch)
+    mbs = split_microbatches(batch, n)
 
     def body(carry, xs):
         g, o, loss, aux, sown = run(*xs)
@@ -162,6 +190,18 @@ def _accumulate(ctx: StepContext, state: TrainState, batch, key, frozen=None):
                             (jnp.arange(1, n), jax.tree.map(lambda x: x[1:], mbs)))
     grads, observed, loss, aux, sown = carry
     return grads, observed, loss / n, jax.tree.map(lambda x: x / n, aux), sown
+
+
+def unscaled(ctx: StepContext, grads, loss_scale):
+    """The accumulated scaled gradients as fp32 true gradients (unscaled, averaged over microbatches)."""
+    return jax.tree.map(lambda g: g / ctx.accum_steps, ctx.scaler.unscale(grads, loss_scale))
+
+
+def optimizer_update(ctx: StepContext, grads32, opt_state, params):
+    """(updates, new params, new optimizer state in the old state's dtypes) from fp32 gradients."""
+    updates, new_opt = ctx.tx.update(ctx.policy.cast_to_param(grads32), opt_state, params)
+    new_opt = jax.tree.map(lambda n, o: n.astype(o.dtype), new_opt, opt_state)
+    return updates, optax.apply_updates(params, updates), new_opt
 
 
 def fp8_summary(meta) -> dict:
@@ -178,55 +218,33 @@ def fp8_summary(meta) -> dict:
     return out
 
 
-def _spike(ctx: StepContext, window, loss):
-    if not ctx.skip_spikes:
-        return jnp.bool_(False)
-    valid = jnp.isfinite(window)
-    n = jnp.sum(valid)
-    mean = jnp.sum(jnp.where(valid, window, 0)) / jnp.maximum(n, 1)
-    var = jnp.sum(jnp.where(valid, (window - mean) ** 2, 0)) / jnp.maximum(n - 1, 1)
-    return (n >= window.shape[0] // 2) & (loss > mean + ctx.spike_sigma * jnp.sqrt(var))
-
-
-def _run_length(count, hit, held):
-    """A counter of consecutive hits: +1 on a hit, 0 otherwise, unchanged while the state is held."""
-    return jnp.where(held, count, jnp.where(hit, count + 1, 0)).astype(count.dtype)
-
-
 def guarded_tree(grads, params, opt_state, fp8_meta, loss_scale) -> dict:
     """What the guard checks, by name: the gradients and every part of the candidate new state.
 
-    The loop names the leaves of `nonfinite_leaves` from this same structure (loop.guard_leaf_names).
+    The loop names the leaves of `nonfinite_leaves` from this same structure (metrics.guard_leaf_names).
     """
     return {"grads": grads, "params": params, "opt_state": opt_state, "fp8_meta": fp8_meta,
             "loss_scale": loss_scale}
 
 
-def _stall(ctx: StepContext, consecutive_skips, floor_overflows, step, opt_step):
-    """bool []: the run can no longer update (see the module doc, 6.). `opt_step`: updates after this step."""
-    stall = jnp.bool_(False)
-    if ctx.total_steps > 0:  # a run shorter than the limits still never ends `finished` without an update
-        stall = stall | ((step + 1 >= ctx.total_steps) & (opt_step == 0))
-    if ctx.max_skipped_steps > 0:
-        stall = stall | (consecutive_skips > ctx.max_skipped_steps)
-    if ctx.min_scale_overflows > 0:
-        stall = stall | (floor_overflows >= ctx.min_scale_overflows)
-    return stall
+def _telemetry(updates, new_params, params) -> dict:
+    """Update ratio and the fraction of nonzero updates rounded away, in fp32 whatever the param dtype."""
+    ratio = optax.tree.norm(_to_f32(updates)) / jnp.maximum(optax.tree.norm(_to_f32(params)), 1e-12)
+    changed = jax.tree.map(lambda u: u != 0, updates)
+    lost = jax.tree.map(lambda n, o, c: jnp.sum((n == o) & c), new_params, params, changed)
+    n_changed = sum(jnp.sum(c) for c in jax.tree.leaves(changed))
+    return {"update_ratio": ratio, "lost_update_frac": sum(jax.tree.leaves(lost)) / jnp.maximum(n_changed, 1)}
 
 
 def train_step(state: TrainState, batch, frozen=None, *, ctx: StepContext):
     """`frozen`: the KL reference's {"params", "fp8_meta"} (not donated, not in the state), or None."""
     policy, scaler = ctx.policy, ctx.scaler
-    key = jax.random.fold_in(jax.random.key(ctx.seed), state.step)
-    grads, observed, loss, aux, sown = _accumulate(ctx, state, batch, key, frozen)
-    grads32 = jax.tree.map(lambda g: g / ctx.accum_steps, scaler.unscale(grads, state.loss_scale))
+    grads, observed, loss, aux, sown = accumulate(ctx, state, batch, frozen)
+    grads32 = unscaled(ctx, grads, state.loss_scale)
 
     loss_finite = jnp.isfinite(loss)
     grads_finite = all_finite(grads32)
-    dynamic = scaler.mode == "dynamic"  # a Python bool: static, so it selects code, never arrays
-    updates, new_opt = ctx.tx.update(policy.cast_to_param(grads32), state.opt_state, state.params)
-    new_opt = jax.tree.map(lambda n, o: n.astype(o.dtype), new_opt, state.opt_state)
-    new_params = optax.apply_updates(state.params, updates)
+    updates, new_params, new_opt = optimizer_update(ctx, grads32, state.opt_state, state.params)
     new_meta = state.fp8_meta
     if state.fp8_meta:
         f = policy.fp8
@@ -236,44 +254,21 @@ def train_step(state: TrainState, batch, frozen=None, *, ctx: StepContext):
     candidate = guarded_tree(grads32, new_params, new_opt, new_meta, scaled)
     state_finite = all_finite({k: v for k, v in candidate.items() if k != "grads"}) if ctx.guard \
         else jnp.bool_(True)
+    is_spike = (spike(state.guard.loss_window, loss, ctx.spike_sigma) if ctx.skip_spikes
+                else jnp.bool_(False)) & loss_finite
+    checks = Checks(loss_finite=loss_finite, grads_finite=grads_finite, state_finite=state_finite,
+                    spike=is_spike, at_floor=state.loss_scale.scale <= scaler.min_scale)
+    d = decide(ctx.guard_rules, state.guard, checks, loss, state.step, state.opt_step)
 
-    # With a dynamic scaler a non-finite gradient is the scaler's business (skip, back off), not a failure.
-    overflow = (loss_finite & ~grads_finite) if dynamic else jnp.bool_(False)
-    failure = ~loss_finite | (grads_finite & ~state_finite)
-    if not dynamic:
-        failure = failure | ~grads_finite
-    spike = _spike(ctx, state.guard.loss_window, loss) & loss_finite
-    guard = state.guard
-    halted = (guard.failed_step >= 0) & (ctx.nan_policy != "skip")  # halt/capture: keep pre-failure state
-    held = halted | (guard.stalled_step >= 0)
-    apply = grads_finite & loss_finite & state_finite & ~spike & ~held
-    if not ctx.guard:  # constant: XLA folds the selects below away
-        apply = jnp.bool_(True)
-    consecutive_skips = _run_length(guard.consecutive_skips, ~apply, held)
-    at_floor = state.loss_scale.scale <= scaler.min_scale
-    floor_overflows = _run_length(guard.floor_overflows, overflow & at_floor, held)
-    stall = _stall(ctx, consecutive_skips, floor_overflows, state.step, state.opt_step + apply) & ~held
-
-    new_scale = select_tree(held | failure | stall, state.loss_scale, scaled)
-    first_failure = failure & ~held & (guard.failed_step < 0)
-    new_guard = GuardState(
-        failed_step=jnp.where(first_failure, state.step, guard.failed_step),
-        skipped_nonfinite=guard.skipped_nonfinite + (failure & ~held),
-        skipped_overflow=guard.skipped_overflow + (overflow & ~held),
-        skipped_spikes=guard.skipped_spikes + (spike & ~held),
-        loss_window=jnp.where(apply, jnp.roll(guard.loss_window, 1).at[0].set(loss), guard.loss_window),
-        consecutive_skips=consecutive_skips,
-        floor_overflows=floor_overflows,
-        stalled_step=jnp.where(stall, state.step, guard.stalled_step),
-    )
+    new_scale = select_tree(d.keep_scale, state.loss_scale, scaled)
     new_state = TrainState(
         step=state.step + 1,
-        opt_step=state.opt_step + apply,
-        params=select_tree(apply, new_params, state.params),
-        opt_state=select_tree(apply, new_opt, state.opt_state),
+        opt_step=state.opt_step + d.apply,
+        params=select_tree(d.apply, new_params, state.params),
+        opt_state=select_tree(d.apply, new_opt, state.opt_state),
         loss_scale=new_scale,
-        fp8_meta=select_tree(apply, new_meta, state.fp8_meta),
-        guard=new_guard,
+        fp8_meta=select_tree(d.apply, new_meta, state.fp8_meta),
+        guard=d.guard,
     )
 
     metrics = {
@@ -281,25 +276,19 @@ def train_step(state: TrainState, batch, frozen=None, *, ctx: StepContext):
         "grad_norm": optax.tree.norm(grads32),
         "lr": ctx.schedule(state.opt_step),
         "loss_scale": state.loss_scale.scale,
-        "overflow": overflow & ~held,
-        "nonfinite": failure & ~held,
-        "spike": spike & ~held,
-        "applied": apply,
-        "stalled": stall,
+        "overflow": d.overflow,
+        "nonfinite": d.nonfinite,
+        "spike": d.spike,
+        "applied": d.apply,
+        "stalled": d.stalled,
         **{k: v for k, v in aux.items() if k != "loss"},
     }
-    if dynamic:  # the scale the next step uses, min_scale floor included (the overflow event reports it)
+    if scaler.mode == "dynamic":  # the scale the next step uses, min_scale floor included (the overflow event)
         metrics["loss_scale_after"] = new_scale.scale
     if ctx.guard:  # which tensors were non-finite, named on the host from guarded_tree's structure
         metrics["nonfinite_leaves"] = jnp.stack(jax.tree.leaves(nonfinite_leaf_mask(candidate)))
-    if policy.telemetry:
-        # in fp32 whatever the param dtype (a bf16 norm is itself rounded)
-        metrics["update_ratio"] = (optax.tree.norm(_to_f32(updates))
-                                   / jnp.maximum(optax.tree.norm(_to_f32(state.params)), 1e-12))
-        changed = jax.tree.map(lambda u: u != 0, updates)
-        lost = jax.tree.map(lambda n, o, c: jnp.sum((n == o) & c), new_params, state.params, changed)
-        n_changed = sum(jnp.sum(c) for c in jax.tree.leaves(changed))
-        metrics["lost_update_frac"] = sum(jax.tree.leaves(lost)) / jnp.maximum(n_changed, 1)
+    if ctx.telemetry:
+        metrics.update(_telemetry(updates, new_params, state.params))
     if FP8_STATS in sown:
         metrics["fp8_stats"] = sown[FP8_STATS]
     if new_meta:

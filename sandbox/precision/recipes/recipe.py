@@ -159,12 +159,7 @@ FP8_BLOCK = Recipe(
     output_grad=_tile("e4m3", 128, "fp32"),
 )
 MXFP8 = Recipe("mxfp8", *(_tile("e4m3", 32, "e8m0"),) * 3)
-MXFP6 = Recipe(
-    "mxfp6",
-    input=_tile("e2m3", 32, "e8m0"),
-    kernel=_tile("e2m3", 32, "e8m0"),
-    output_grad=_tile("e3m2", 32, "e8m0"),
-)
+MXFP6 = Recipe("mxfp6", *(_tile("e2m3", 32, "e8m0"),) * 2, output_grad=_tile("e3m2", 32, "e8m0"))
 MXFP4 = Recipe("mxfp4", *(_tile("e2m1", 32, "e8m0"),) * 3)
 NVFP4 = Recipe(
     "nvfp4",

@@ -9,8 +9,10 @@ stored golden number: every verdict is computed from metrics the lesson has
 just produced (metrics.jsonl and summary.json of real training runs, or the
 arrays of a small direct computation).
 
-Lessons that train read their runs from YAML files in experiments/lessons/
-(one file per run, so a teacher can rerun any of them with `sandbox train`),
+Lessons that train read their runs from YAML files in configs/ beside this
+module, shipped as package data (found through `importlib.resources`, so an
+installed wheel works as well as a checkout; one file per run, so a teacher
+can rerun any of them with `sandbox train`),
 with overrides that put the run under the lesson's output folder and switch
 the progress bar off. `quick=True` shortens runs for the tests; thresholds
 are chosen so that the verdict holds in both modes.
@@ -22,15 +24,18 @@ an SVG copy beside each for print; every axes has a title (`save_figure` checks)
 from __future__ import annotations
 
 import importlib
-import io
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 
+from sandbox import plotting
+from sandbox.config import load_config
 from sandbox.errors import UserError
-from sandbox.rundir import atomic_write
+from sandbox.forensics.bundle import save_bundle
+from sandbox.logger import read_metrics
+from sandbox.train.loop import train
 
-REPO = Path(__file__).resolve().parents[3]
-EXPERIMENTS = REPO / "experiments" / "lessons"
+CONFIGS = resources.files(__name__) / "configs"  # the lessons' run configs (package data)
 
 # Lesson modules, in teaching order.
 LESSON_MODULES = (
@@ -79,38 +84,36 @@ def all_lessons() -> list:
 
 
 def train_lesson_run(yaml_name: str, out_dir: Path, overrides: list[str] = ()):
-    """Trains experiments/lessons/<yaml_name>.yaml with its run under out_dir/runs."""
-    from sandbox.config import load_config
-    from sandbox.train.loop import train
-
+    """Trains configs/<yaml_name>.yaml (beside this module) with its run under out_dir/runs."""
     sets = [f"run_root={Path(out_dir) / 'runs'}", "logging.progress=false", "logging.tensorboard=false",
             *overrides]
-    cfg = load_config(EXPERIMENTS / f"{yaml_name}.yaml", sets)
-    return train(cfg, overwrite=True, quiet=True)
+    cfg = load_config(Path(str(CONFIGS / f"{yaml_name}.yaml")), sets)
+    return train(cfg, overwrite=True, quiet=True, capture=save_bundle)
+
+
+def train_lesson_runs(res: LessonResult, names, out_dir: Path, overrides: list[str] = ()) -> dict:
+    """Trains each of `names` (`train_lesson_run`) and records their run directories in `res`: {name: RunResult}."""
+    results = {name: train_lesson_run(name, out_dir, overrides) for name in names}
+    res.runs += [r.run_dir for r in results.values()]
+    return results
+
+
+def label_axes(ax, xlabel: str, ylabel: str, title: str) -> None:
+    """Axis labels, the title every lesson plot must have, and the legend."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend()
 
 
 def train_rows(run_dir: Path) -> list[dict]:
     """The run's logged train rows (metrics.jsonl), in step order."""
-    from sandbox.logger import read_metrics
-
     return [r for r in read_metrics(run_dir) if r.get("split", "train") == "train" and "loss" in r]
 
 
-def as_float(v) -> float:
-    """A metrics.jsonl value as a float (non-finite numbers are written as strings such as "NaN")."""
-    try:
-        return float(v)
-    except (TypeError, ValueError):
-        return float("nan")
-
-
 def new_figure(ncols: int = 1):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, ncols, figsize=(5.5 * ncols, 4), squeeze=False, layout="constrained")
+    """(figure, list of `ncols` axes side by side)."""
+    fig, axes = plotting.new_figure(1, ncols, (5.5 * ncols, 4))
     return fig, list(axes[0])
 
 
@@ -120,26 +123,17 @@ def save_figure(fig, path: Path) -> Path:
     Every axes must have a title (a teacher projects these plots): an untitled
     one is a ValueError and nothing is written.
     """
-    import matplotlib.pyplot as plt
-
     path = Path(path)
     untitled = [i for i, ax in enumerate(fig.axes, 1) if not ax.get_title().strip()]
     if untitled:
-        plt.close(fig)
+        plotting.pyplot().close(fig)
         raise ValueError(f"{path.name}: axes {untitled[0]} of {len(fig.axes)} has no title")
     path.parent.mkdir(parents=True, exist_ok=True)
-    for fmt, target in (("png", path), ("svg", path.with_suffix(".svg"))):
-        buf = io.BytesIO()
-        fig.savefig(buf, format=fmt, dpi=100, metadata={"Date": None} if fmt == "svg" else None)
-        atomic_write(target, buf.getvalue())
-    plt.close(fig)
-    return path
+    return plotting.write_figure(fig, path, ("png", "svg"), dpi=100)[0]
 
 
 def plot_runs(run_dirs: dict, metric: str, metric_label: str, path: Path, log_loss: bool = False) -> Path:
     """Two panels over training steps, one line per run: `metric`, and the train loss."""
-    from matplotlib.ticker import MaxNLocator
-
     fig, (ax_m, ax_loss) = new_figure(2)
     for name, run_dir in run_dirs.items():
         rows = train_rows(run_dir)
@@ -147,12 +141,8 @@ def plot_runs(run_dirs: dict, metric: str, metric_label: str, path: Path, log_lo
         ax_m.plot(steps, [r[metric] for r in rows], marker="o", ms=3, label=name)
         (ax_loss.semilogy if log_loss else ax_loss.plot)(steps, [r["loss"] for r in rows], marker="o", ms=3,
                                                           label=name)
-    ax_m.set_ylabel(metric_label)
-    ax_m.set_title(f"{metric_label} per step")
-    ax_loss.set_ylabel("train loss (nats)")
-    ax_loss.set_title("train loss per step" + (" (log scale)" if log_loss else ""))
+    label_axes(ax_m, "step", metric_label, f"{metric_label} per step")
+    label_axes(ax_loss, "step", "train loss (nats)", "train loss per step" + (" (log scale)" if log_loss else ""))
     for ax in (ax_m, ax_loss):
-        ax.set_xlabel("step")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.legend()
+        plotting.integer_ticks(ax.xaxis)
     return save_figure(fig, path)

@@ -4,22 +4,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import jax
 import numpy as np
 
+from sandbox.config import load_config
 from sandbox.data import builtin
 from sandbox.infotheory import log_softmax
 from sandbox.teaching.lessons import train_lesson_run
+from sandbox.train.setup import parts
 
 
 def trained_model(out_dir: Path, quick: bool):
-    """(RunResult, model) of experiments/lessons/shakespeare_small.yaml."""
-    from sandbox.config import load_config
-    from sandbox.model import GPT
-    from sandbox.precision.policy import make_policy
-
+    """(RunResult, config, model) of experiments/lessons/shakespeare_small.yaml (the model from the one builder)."""
     result = train_lesson_run("shakespeare_small", out_dir, ["training.steps=40"] if quick else [])
     cfg = load_config(Path(result.run_dir) / "config.yaml")  # the resolved config the run wrote
-    return result, cfg, GPT(cfg.model, make_policy(cfg.precision))
+    return result, cfg, parts(cfg).model
 
 
 def corpus_bytes(cfg) -> bytes:
@@ -36,8 +35,6 @@ def heldout_text(cfg, n_bytes: int) -> bytes:
 
 def logprobs(model, params, cfg, text: bytes) -> tuple[np.ndarray, np.ndarray]:
     """Next-byte log-probs [N, 256] (fp32) and the targets [N] over non-overlapping context windows."""
-    import jax
-
     T = cfg.model.context
     ids = np.frombuffer(text, np.uint8).astype(np.int32)
     n = (len(ids) - 1) // T

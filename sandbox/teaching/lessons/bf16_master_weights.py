@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sandbox.teaching.lessons import LessonResult, plot_runs, train_lesson_run
+from sandbox.teaching.lessons import LessonResult, plot_runs, train_lesson_runs
 
 NAME = "bf16_master_weights"
 TITLE = "bf16 without fp32 master weights: updates are rounded away and training stalls"
@@ -29,11 +29,8 @@ RUNS = ("bf16_master", "bf16_pure")
 
 
 def run(out_dir: Path, quick: bool = False) -> LessonResult:
-    out_dir = Path(out_dir)
-    sets = ["training.steps=20"] if quick else []
     res = LessonResult(NAME)
-    results = {n: train_lesson_run(n, out_dir, sets) for n in RUNS}
-    res.runs = [r.run_dir for r in results.values()]
+    results = train_lesson_runs(res, RUNS, Path(out_dir), ["training.steps=20"] if quick else [])
     master, pure = (results[n].summary for n in RUNS)
     res.check("bf16_pure: >10% of nonzero updates leave the bf16 weight unchanged",
               f"lost_update_frac {pure['lost_update_frac']:.3f}", pure["lost_update_frac"] > 0.1)
@@ -45,5 +42,5 @@ def run(out_dir: Path, quick: bool = False) -> LessonResult:
               gap > 0.05)
 
     res.plots.append(plot_runs({n: results[n].run_dir for n in RUNS}, "lost_update_frac",
-                               "fraction of updates rounded away", out_dir / "bf16_master_weights.png"))
+                               "fraction of updates rounded away", Path(out_dir) / "bf16_master_weights.png"))
     return res

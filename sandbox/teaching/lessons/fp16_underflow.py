@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sandbox.teaching.lessons import LessonResult, plot_runs, train_lesson_run, train_rows
+from sandbox.teaching.lessons import LessonResult, plot_runs, train_lesson_runs, train_rows
 
 NAME = "fp16_underflow"
 TITLE = "fp16 gradients underflow without loss scaling; the dynamic loss scaler fixes it"
@@ -37,11 +37,8 @@ RUNS = ("fp16_noscale", "fp16_scaled")
 
 
 def run(out_dir: Path, quick: bool = False) -> LessonResult:
-    out_dir = Path(out_dir)
-    sets = ["training.steps=25"] if quick else []
     res = LessonResult(NAME)
-    results = {name: train_lesson_run(name, out_dir, sets) for name in RUNS}
-    res.runs = [r.run_dir for r in results.values()]
+    results = train_lesson_runs(res, RUNS, Path(out_dir), ["training.steps=25"] if quick else [])
     noscale, scaled = (results[n].summary for n in RUNS)
     late = {n: [r["underflow_frac"] for r in train_rows(results[n].run_dir)][-3:] for n in RUNS}
     u_no, u_sc = (sum(v) / len(v) for v in late.values())
@@ -56,6 +53,6 @@ def run(out_dir: Path, quick: bool = False) -> LessonResult:
               scaled["train_ce"] <= noscale["train_ce"] + 0.03)
 
     res.plots.append(plot_runs({n: results[n].run_dir for n in RUNS}, "underflow_frac",
-                               "fraction of logit gradients flushed to 0 in fp16", out_dir / "fp16_underflow.png",
+                               "fraction of logit gradients flushed to 0 in fp16", Path(out_dir) / "fp16_underflow.png",
                                log_loss=True))
     return res

@@ -26,8 +26,12 @@ from __future__ import annotations
 from functools import partial
 from pathlib import Path
 
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import numpy as np
 
+from sandbox.precision.fp8 import FP8_META, FP8_STATS, Fp8DotGeneral, update_fp8_meta
 from sandbox.teaching.lessons import LessonResult, new_figure, save_figure
 
 NAME = "fp8_delayed_scaling"
@@ -46,13 +50,7 @@ SPIKE = 100.0
 
 def simulate(algo: str, steps: int, spike_step: int, history_len: int, seed: int = 0) -> dict:
     """Per-step saturation fraction and input scale of one fp8 Dense layer."""
-    import flax.linen as nn
-    import jax
-    import jax.numpy as jnp
-
-    from sandbox.precision.fp8 import FP8_META, FP8_STATS, Fp8DotGeneral, update_fp8_meta
-
-    dense = nn.Dense(16, dot_general_cls=partial(Fp8DotGeneral, history_len=history_len, telemetry=True))
+    dense = nn.Dense(16, dot_general_cls=partial(Fp8DotGeneral, history_len=history_len))
     x_NC = jax.random.normal(jax.random.key(seed), (64, 32), jnp.float32)
     variables = dense.init(jax.random.key(seed + 1), x_NC)
     params, meta = variables["params"], variables[FP8_META]

@@ -21,10 +21,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 from scipy import special
 
-from sandbox.teaching.lessons import LessonResult, new_figure, save_figure
+from sandbox.infotheory import kl_divergence, log_softmax
+from sandbox.teaching.lessons import LessonResult, label_axes, new_figure, save_figure
 
 NAME = "kl_direction"
 TITLE = "KL direction: forward KL covers both modes, reverse KL picks one"
@@ -41,12 +45,6 @@ GRID = np.linspace(-9.0, 9.0, 721)
 
 def fit(direction: str, steps: int, init=(0.5, 0.0)) -> tuple[float, float]:
     """(mean, std) of the Gaussian fitted under `direction` ('forward' or 'reverse')."""
-    import jax
-    import jax.numpy as jnp
-    import optax
-
-    from sandbox.infotheory import kl_divergence, log_softmax
-
     x = jnp.asarray(GRID, jnp.float32)
     logp = log_softmax(jnp.logaddexp(*[-0.5 * ((x - m) / MODE_STD) ** 2 for m in MODES]))
 
@@ -105,9 +103,6 @@ def run(out_dir: Path, quick: bool = False) -> LessonResult:
     ax.fill_between(GRID, target(), color="lightgrey", label="target p (bimodal)")
     for d, ls in (("forward", "-"), ("reverse", "--")):
         ax.plot(GRID, density(*fits[d]), ls, label=f"q fitted by {d} KL")
-    ax.set_xlabel("x")
-    ax.set_ylabel("probability per grid cell")
-    ax.set_title("forward KL covers both modes, reverse KL picks one")
-    ax.legend()
+    label_axes(ax, "x", "probability per grid cell", "forward KL covers both modes, reverse KL picks one")
     res.plots.append(save_figure(fig, out_dir / "kl_direction.png"))
     return res

@@ -18,7 +18,10 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from sandbox.teaching.lessons import LessonResult, as_float, new_figure, save_figure, train_lesson_run, train_rows
+from sandbox.floatio import read_float
+from sandbox.forensics.bundle import load_bundle
+from sandbox.forensics.replay import replay
+from sandbox.teaching.lessons import LessonResult, label_axes, new_figure, save_figure, train_lesson_run, train_rows
 
 NAME = "naive_softmax"
 TITLE = "Attention overflow: a naive fp16 softmax turns into NaN; forensics names the softmax"
@@ -31,9 +34,6 @@ the bundle op by op names the operation that first produced a non-finite value."
 
 
 def run(out_dir: Path, quick: bool = False) -> LessonResult:
-    from sandbox.forensics.bundle import load_bundle
-    from sandbox.forensics.replay import replay
-
     out_dir = Path(out_dir)
     sets = ["training.steps=4"] if quick else []
     res = LessonResult(NAME)
@@ -47,7 +47,7 @@ def run(out_dir: Path, quick: bool = False) -> LessonResult:
     where = f"{origin.primitive} at {origin.name_stack}, cause {origin.cause}" if origin else "no origin found"
     res.check("forensics: the first non-finite op is exp inside the attention softmax (exp_overflow)",
               where, origin is not None and "softmax" in origin.name_stack and origin.cause == "exp_overflow")
-    losses = [as_float(r["loss"]) for r in train_rows(stable.run_dir)]
+    losses = [read_float(r["loss"]) for r in train_rows(stable.run_dir)]
     res.check("stable softmax: same model and data, every logged loss finite",
               f"status {stable.status}, final loss {losses[-1]:.3f}" if losses else f"status {stable.status}",
               stable.status == "finished" and losses and all(math.isfinite(x) for x in losses))
@@ -55,13 +55,10 @@ def run(out_dir: Path, quick: bool = False) -> LessonResult:
     fig, (ax,) = new_figure(1)
     for r, label in ((naive, "naive fp16 softmax"), (stable, "stable softmax")):
         rows = train_rows(r.run_dir)
-        ys = [as_float(x["loss"]) for x in rows]
+        ys = [read_float(x["loss"]) for x in rows]
         ax.plot([x["step"] for x in rows], ys, marker="o", label=label)
         for s in [x["step"] for x, y in zip(rows, ys) if not math.isfinite(y)]:
             ax.axvline(s, color="red", ls=":", label="non-finite loss (naive)")
-    ax.set_xlabel("step")
-    ax.set_ylabel("train loss (nats)")
-    ax.set_title("fp16 softmax: naive overflows to non-finite, stable trains")
-    ax.legend()
+    label_axes(ax, "step", "train loss (nats)", "fp16 softmax: naive overflows to non-finite, stable trains")
     res.plots.append(save_figure(fig, out_dir / "naive_softmax.png"))
     return res

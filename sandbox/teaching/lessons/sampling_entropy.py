@@ -19,8 +19,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import jax
 import numpy as np
 
+from sandbox.infotheory import entropy
+from sandbox.sample import filter_logprobs
 from sandbox.teaching.lessons import LessonResult, new_figure, save_figure
 from sandbox.teaching.lessons._shakespeare import heldout_text, logprobs, trained_model
 
@@ -42,11 +45,6 @@ SETTINGS = (  # label, temperature, top_k, top_p
 
 
 def mean_entropy(logp_NV: np.ndarray, temperature: float, top_k: int, top_p: float) -> float:
-    import jax
-
-    from sandbox.infotheory import entropy
-    from sandbox.sample import filter_logprobs
-
     filtered = jax.vmap(lambda lp: filter_logprobs(lp, temperature, top_k, top_p))(logp_NV)
     return float(np.mean(entropy(filtered)))
 

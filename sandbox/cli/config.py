@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 
 from sandbox import config as config_lib
+from sandbox.cli.options import add_set_option
 
 
 def cmd_keys(args) -> int:
@@ -40,5 +41,5 @@ def register(subparsers) -> None:
     k.set_defaults(func=cmd_keys)
     s = sub.add_parser("show", help="the resolved config (after base: and --set) as YAML")
     s.add_argument("config", help="YAML run config")
-    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a key (repeatable)")
+    add_set_option(s, "override a key")
     s.set_defaults(func=cmd_show)

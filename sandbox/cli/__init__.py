@@ -1,35 +1,33 @@
-"""The `sandbox` command line.
+"""The `sandbox` command line: one module per command group, imported statically.
 
-Each feature package exposes `register(subparsers)`, which adds its
-subcommands with `set_defaults(func=...)`; `func(args)` returns an exit code.
+Each command module (train, config, forensics, ablate, teaching, lessons)
+has `register(subparsers)`, which adds its subcommands with
+`set_defaults(func=...)`; `func(args)` returns an exit code. The modules are
+plain imports: a command module that fails to import fails `sandbox` itself,
+loudly, rather than a subcommand quietly vanishing from `--help`.
+
 `UserError` anywhere becomes one line on stderr and exit status 2.
 SIGINT and SIGTERM are stop requests (rules in sandbox/interrupts.py):
 `sandbox train` stops itself at its next safe point and exits 0 (a stopped
 run is resumable); other commands print one line and exit 130.
+A reader that leaves early (`sandbox config keys | head`) is not an error.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 from importlib import metadata
 
 from sandbox import interrupts
+from sandbox.cli import ablate, config, forensics, lessons, teaching, train
 from sandbox.errors import UserError
 
-# Modules whose `register(subparsers)` adds subcommands, in help order.
-COMMAND_MODULES = (
-    "sandbox.train_cli",
-    "sandbox.config_cli",
-    "sandbox.forensics.cli",
-    "sandbox.ablate.cli",
-    "sandbox.teaching.cli",
-    "sandbox.teaching.lessons_cli",
-)
+# Command groups, in help order.
+COMMAND_GROUPS = (train, config, forensics, ablate, teaching, lessons)
 # Commands that honour a stop request themselves, at a safe point, and exit 0: never a KeyboardInterrupt.
-GRACEFUL_STOP_COMMANDS = frozenset({"train"})
+GRACEFUL_STOP_COMMANDS = interrupts.GRACEFUL_STOP_COMMANDS
 
 
 class _Parser(argparse.ArgumentParser):
@@ -44,25 +42,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"sandbox {metadata.version('sandbox')}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     subparsers.required = True
-    for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name and name.startswith(e.name):  # feature not built yet
-                continue
-            raise
-        module.register(subparsers)
+    for group in COMMAND_GROUPS:
+        group.register(subparsers)
     return parser
 
 
 def _command_in(argv: list[str]) -> str | None:
-    """The subcommand named in argv, known before parsing (which imports modules, and can be interrupted)."""
+    """The subcommand named in argv, known before parsing (which can be interrupted)."""
     return next((a for a in argv if not a.startswith("-")), None)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, keep_requests: bool = False) -> int:
+    """`keep_requests`: called by sandbox/entry.py, which installed the handlers before importing us."""
     command = _command_in(sys.argv[1:] if argv is None else argv)
-    previous_handlers = interrupts.install_cli_handlers(graceful=command in GRACEFUL_STOP_COMMANDS)
+    previous_handlers = interrupts.install_cli_handlers(graceful=command in GRACEFUL_STOP_COMMANDS,
+                                                        keep_requests=keep_requests)
     try:
         args = build_parser().parse_args(argv)
         return int(args.func(args) or 0)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from sandbox.forensics.bundle import load_bundle
+from sandbox.forensics.replay import format_report, replay
+
 
 def cmd_replay(args) -> int:
-    from sandbox.forensics.bundle import load_bundle
-    from sandbox.forensics.replay import format_report, replay
-
     path = Path(args.bundle)
     if path.is_dir() and not (path / "meta.json").exists() and (path / "failure").is_dir():
         path = path / "failure"  # a run directory: its bundle
