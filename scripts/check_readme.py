@@ -11,7 +11,8 @@ run as written in a fresh copy of the repository, with two changes that keep
 it short and say nothing about correctness: `sandbox train configs/...`
 gets `--set training.steps=N` (the experiments' own runs are short
 already), and a command that serves forever
-(`tensorboard`) passes once it says it is serving. A table of command, exit
+(`tensorboard`) passes once it says it is serving; a line whose comment says it
+fails (on purpose) must exit 3, the code of a run stopped on non-finite values. A table of command, exit
 status and seconds is printed; the exit status is the number of failures.
 """
 
@@ -48,6 +49,15 @@ def tour(readme: str) -> tuple[list[str], list[list[str]]]:
     blocks = bash_blocks(readme)
     setup = argv_of(blocks[0][0].split("&&")[-1])
     return setup, [argv_of(line) for block in blocks[2:] for line in block]
+
+
+def expected_exit(readme: str, argv: list[str]) -> int:
+    """0, or 3 (a run stopped on non-finite values) for a line whose comment says it fails on purpose."""
+    for block in bash_blocks(readme):
+        for line in block:
+            if argv_of(line) == argv and "#" in line and "fails" in line.split("#", 1)[1]:
+                return 3
+    return 0
 
 
 def shortened(argv: list[str], steps: int) -> list[str]:
@@ -87,7 +97,8 @@ def main(argv=None) -> int:
     ap.add_argument("--list", action="store_true", help="print the commands and exit")
     ap.add_argument("--workdir", help="run here instead of a temporary copy of the repository")
     args = ap.parse_args(argv)
-    setup, commands = tour((REPO / "README.md").read_text(encoding="utf-8"))
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    setup, commands = tour(readme)
     commands = [setup + ["--overwrite"] if "--overwrite" not in setup else setup] + commands
     if args.list:
         print("\n".join(shlex.join(c) for c in commands))
@@ -106,9 +117,10 @@ def main(argv=None) -> int:
             else:
                 p = subprocess.run(shortened(argv, args.steps), cwd=cwd, env=env, capture_output=True, text=True)
                 rc, out = p.returncode, (p.stdout + p.stderr)
-            failures += rc != 0
+            bad = rc != expected_exit(readme, argv)
+            failures += bad
             rows.append((shlex.join(argv), rc, time.perf_counter() - t0))
-            if rc != 0:
+            if bad:
                 print(f"FAILED ({rc}): {shlex.join(argv)}\n{out[-2000:]}", file=sys.stderr)
         width = max(len(r[0]) for r in rows)
         print(f"{'command':<{width}}  rc  seconds")
