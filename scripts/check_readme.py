@@ -68,18 +68,24 @@ def shortened(argv: list[str], steps: int) -> list[str]:
 
 
 def run_server(argv, cwd, env, marker: str, timeout: float) -> int:
-    proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline, seen = time.monotonic() + timeout, ""
-    os.set_blocking(proc.stdout.fileno(), False)
-    while time.monotonic() < deadline and proc.poll() is None:
-        seen += proc.stdout.read() or ""
-        if marker in seen:
+    """0 once the server prints `marker` (it is then stopped), 1 if it exits or times out first."""
+    proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    fd, seen, deadline = proc.stdout.fileno(), b"", time.monotonic() + timeout
+    os.set_blocking(fd, False)
+    while time.monotonic() < deadline and marker.encode() not in seen:
+        try:
+            chunk = os.read(fd, 65536)
+        except BlockingIOError:
+            chunk = None
+        if chunk:
+            seen += chunk
+        elif proc.poll() is not None:
             break
-        time.sleep(0.2)
-    ok = marker in seen
+        else:
+            time.sleep(0.2)
     proc.kill()
     proc.wait()
-    return 0 if ok else 1
+    return 0 if marker.encode() in seen else 1
 
 
 def copy_repo(dest: Path) -> None:
