@@ -31,6 +31,8 @@ on a device without a table entry (CPU) the achieved GFLOP/s is reported.
 from __future__ import annotations
 
 import dataclasses
+import resource
+import subprocess
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -247,3 +249,14 @@ def print_report(env: dict, rows: list[dict], columns, *, repeats: int, steps: i
           f"best of {repeats} x {steps} steps; JSON: {json_path}\n")
     print(markdown(rows, columns))
 
+
+def timed_child(cmd: list[str], *, env: dict, cwd) -> tuple[subprocess.CompletedProcess, dict]:
+    """Runs a whole command as a child: (its result, wall seconds and its own user/sys seconds and minor
+    page faults, from getrusage of children), what the whole-command benchmarks compare."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return proc, {"wall_s": wall, "user_s": after.ru_utime - before.ru_utime,
+                  "sys_s": after.ru_stime - before.ru_stime, "minor_faults": after.ru_minflt - before.ru_minflt}

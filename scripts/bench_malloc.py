@@ -16,12 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from sandbox import bench
@@ -29,7 +26,7 @@ from sandbox import bench
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = {"tuned": "1", "untuned": "0"}  # SANDBOX_MALLOC_TUNING
 METRICS = (("wall_s", "wall s", ",.1f"), ("user_s", "user s", ",.1f"), ("sys_s", "sys s", ",.1f"),
-           ("minflt", "minor faults", ",.0f"), ("val_ce", "val CE", ".4f"))
+           ("minor_faults", "minor faults", ",.0f"), ("val_ce", "val CE", ".4f"))
 
 
 def run_once(config: str, steps: int, tuning: str, root: Path, name: str) -> dict:
@@ -38,16 +35,11 @@ def run_once(config: str, steps: int, tuning: str, root: Path, name: str) -> dic
     env["SANDBOX_MALLOC_TUNING"] = tuning
     cmd = [sys.executable, "-m", "sandbox", "train", config, "--name", name, "--overwrite",
            "--set", f"training.steps={steps}", "--set", f"run_root={root}", "--set", "logging.progress=false"]
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    t = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
-    wall = time.perf_counter() - t
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    proc, times = bench.timed_child(cmd, env=env, cwd=REPO)
     if proc.returncode != 0:
         sys.exit(f"bench_malloc: {' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
     summary = json.loads((root / name / "summary.json").read_text(encoding="utf-8"))
-    return {"wall_s": wall, "user_s": after.ru_utime - before.ru_utime, "sys_s": after.ru_stime - before.ru_stime,
-            "minflt": after.ru_minflt - before.ru_minflt, "val_ce": summary["val_ce"]}
+    return {**times, "val_ce": summary["val_ce"]}
 
 
 def table(results: dict[str, list[dict]]) -> list[dict]:

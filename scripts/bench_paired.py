@@ -17,13 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from sandbox import bench
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = REPO / "sandbox" / "data" / "corpora" / "tinyshakespeare.txt"
@@ -33,16 +33,11 @@ def run_once(src: Path, config: Path, sets: list[str], run_root: Path) -> dict:
     env = dict(os.environ, PYTHONPATH=str(src))
     cmd = [sys.executable, "-m", "sandbox", "train", str(config), "--overwrite",
            "--set", f"run_root={run_root}", "--set", "logging.progress=false", *sum((["--set", s] for s in sets), [])]
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    t0 = time.perf_counter()
-    p = subprocess.run(cmd, cwd=src, env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    p, times = bench.timed_child(cmd, env=env, cwd=src)
     if p.returncode != 0:
         raise SystemExit(f"{src}: exit {p.returncode}\n{p.stderr[-2000:]}")
     summary = json.loads(next(run_root.glob("*/summary.json")).read_text())
-    return {"wall_s": wall, "user_s": after.ru_utime - before.ru_utime, "sys_s": after.ru_stime - before.ru_stime,
-            "minor_faults": after.ru_minflt - before.ru_minflt, "val_ce": summary.get("val_ce")}
+    return {**times, "val_ce": summary.get("val_ce")}
 
 
 def main(argv=None) -> int:
