@@ -134,16 +134,32 @@ class Fp8Config:
     head: bool = F(False, "also quantize the output head matmul")
 
 
+SWITCH = ("preset", "on", "off")
+
+
+@dataclass(frozen=True)
+class RecipeConfig:
+    wgrad_hadamard: str = F("preset", "random Hadamard transform on the weight-gradient GEMM's inputs",
+                            choices=SWITCH)
+    stochastic_rounding: str = F("preset", "stochastic rounding of the output gradients", choices=SWITCH)
+    weight_blocks: str = F("preset", "weights in NxN blocks (on) or 1xN tiles (off); tiled recipes only",
+                           choices=SWITCH)
+    keep_bf16: tuple[str, ...] = F((), "blocks whose dense layers stay unquantized: first, last, block_<i>")
+    head: bool = F(False, "also quantize the output head matmul")
+
+
 @dataclass(frozen=True)
 class PrecisionConfig:
-    policy: str = F("fp32", "preset (fp32 tf32 bf16 fp16 fp8 bf16_pure fp16_noscale) or 'params=..,compute=..,output=..'")
+    policy: str = F("fp32", "preset (fp32 tf32 bf16 fp16 fp8 bf16_pure fp16_noscale fp8_current fp8_rowwise "
+                            "fp8_block mxfp8 mxfp6 mxfp4 nvfp4) or 'params=..,compute=..,output=..'")
     naive_softmax: bool = F(False, "teaching ablation: softmax as exp/sum in the compute dtype, no max subtraction")
     naive_log_softmax: bool = F(False, "teaching ablation: the loss takes log(softmax(logits)) instead of log_softmax")
     telemetry: bool = F(True, "collect underflow/overflow/lost-update/fp8 statistics in the step")
     telemetry_every: int = F(1, "telemetry on every Nth step only; the steps between run a lean "
                                 "compiled step without it (one more compile, a faster loop)", min=1)
     loss_scale: LossScaleConfig = F(LossScaleConfig(), "loss scaling")
-    fp8: Fp8Config = F(Fp8Config(), "fp8 delayed scaling")
+    fp8: Fp8Config = F(Fp8Config(), "fp8 delayed scaling (policy fp8)")
+    recipe: RecipeConfig = F(RecipeConfig(), "parts of a low-precision recipe (policies fp8_current .. nvfp4)")
 
 
 @dataclass(frozen=True)
@@ -283,7 +299,10 @@ def _build(cls, raw: dict, prefix: str = ""):
     for name, f in fields.items():
         path = f"{prefix}.{name}" if prefix else name
         if name in raw:
-            value = _coerce(raw[name], hints[name], path)
+            value = raw[name]
+            if isinstance(value, bool) and SWITCH == (f.metadata.get("choices") or ()):
+                value = "on" if value else "off"  # YAML 1.1 reads on/off (and yes/no, true/false) as booleans
+            value = _coerce(value, hints[name], path)
             _check_range(value, f.metadata, path)
             kwargs[name] = value
     return cls(**kwargs)
@@ -300,6 +319,11 @@ def _check_consistency(cfg: Config) -> None:
                         f"training.batch_size={cfg.training.batch_size}")
     if cfg.data.source == "text" and not cfg.data.paths:
         raise UserError("data.paths: source=text needs at least one text file")
+    for name in cfg.precision.recipe.keep_bf16:
+        index = name[len("block_"):] if name.startswith("block_") else None
+        if name not in ("first", "last") and not (index and index.isdigit() and int(index) < m.n_layer):
+            raise UserError(f"precision.recipe.keep_bf16: {shown(name)} is not first, last or block_<i> "
+                            f"with i < model.n_layer={m.n_layer}")
     if cfg.data.source == "hf" and bool(cfg.data.hf_name) == bool(cfg.data.paths):
         raise UserError("data.hf_name: source=hf reads one of data.hf_name (a save_to_disk folder) or "
                         "data.paths (data files)" + (", not both" if cfg.data.paths else ""))

@@ -120,6 +120,26 @@ class RunLogger:
                 if (tag := tb_tag(split, k)) is not None:
                     self.tb.add_scalar(tag, v, step)
 
+    def histograms(self, step: int, hists: dict[str, tuple[list[int], Any]]) -> None:
+        """Integer-binned histograms {name: (bin values, counts)}: one JSONL row (split "scale_hist",
+        nonzero bins only, {name: {bin: count}}) and one TensorBoard histogram per name."""
+        if self.jsonl:
+            compact = {name: {str(b): float(c) for b, c in zip(bins, counts) if c}
+                       for name, (bins, counts) in hists.items()}
+            self.jsonl.write(json.dumps({"step": step, "split": "scale_hist", "hist": compact}) + "\n")
+        if self.tb:
+            for name, (bins, counts) in hists.items():
+                counts = np.asarray(counts, np.float64)
+                if counts.sum() == 0:
+                    continue
+                values = np.asarray(bins, np.float64)
+                self.tb.add_histogram_raw(f"scale_exponent/{name}", min=float(values[counts > 0].min()),
+                                          max=float(values[counts > 0].max()), num=float(counts.sum()),
+                                          sum=float((values * counts).sum()),
+                                          sum_squares=float((values**2 * counts).sum()),
+                                          bucket_limits=(values + 0.5).tolist(), bucket_counts=counts.tolist(),
+                                          global_step=step)
+
     def event(self, step: int, kind: str, detail: dict) -> None:
         """A discrete event (overflow, failure, ...) as its own JSONL row."""
         if self.jsonl:

@@ -41,11 +41,13 @@ class Block(nn.Module):
     cfg: ModelConfig
     policy: Policy
     naive_softmax: bool = False
+    index: int = 0  # which block, for layers a policy keeps in bf16 (precision.recipe.keep_bf16)
 
     def dense(self, features: int, name: str) -> nn.Dense:
         p = self.policy
+        dot_cls = p.dot_general_cls(block=self.index, n_layer=self.cfg.n_layer)
         return nn.Dense(features, name=name, dtype=p.compute_dtype, param_dtype=p.param_dtype,
-                        precision=p.precision, dot_general_cls=p.dot_general_cls(),
+                        precision=p.precision, dot_general_cls=dot_cls,
                         kernel_init=nn.initializers.normal(self.cfg.init_std))
 
     def norm(self, name: str) -> nn.LayerNorm:
@@ -104,7 +106,7 @@ class GPT(nn.Module):
             x_BTD = x_BTD + pos_TD[None, : tokens_BT.shape[1]].astype(p.compute_dtype)
         x_BTD = nn.Dropout(c.dropout, deterministic=deterministic)(x_BTD)
         for i in range(c.n_layer):  # Flax puts module names on JAX's name stack (forensics reads it)
-            x_BTD = Block(c, p, self.naive_softmax, name=f"block_{i}")(x_BTD, deterministic)
+            x_BTD = Block(c, p, self.naive_softmax, i, name=f"block_{i}")(x_BTD, deterministic)
         x_BTD = nn.LayerNorm(name="ln_f", dtype=p.compute_dtype, param_dtype=p.param_dtype)(x_BTD)
         with jax.named_scope("head"):
             # Tied head; logits come out of the dot directly in the output dtype (fp32).

@@ -11,7 +11,7 @@ import pytest
 from sandbox.cli import COMMAND_GROUPS, build_parser, main
 
 REPO = Path(__file__).resolve().parents[1]
-SUBCOMMANDS = {"train", "sample", "config", "replay", "ablate", "report", "floats", "softmax", "demo", "lesson"}
+SUBCOMMANDS = {"train", "sample", "config", "replay", "whatif", "ablate", "report", "floats", "softmax", "demo", "lesson"}
 # Makes `sandbox.ablate` unimportable, as a missing or broken package would be.
 BLOCK_ABLATE = """
 import sys

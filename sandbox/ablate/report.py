@@ -59,6 +59,11 @@ MEAN_COLUMNS = [
     ("underflow_frac", "underflow_frac", "underflow"),
     ("lost_update_frac", "lost_update_frac", "lost updates"),
     ("fp8_saturated_frac", "fp8_saturated_frac", "fp8 saturated"),
+    ("quant_snr_input_db", "quant_snr_input_db", "SNR in (dB)"),
+    ("quant_snr_kernel_db", "quant_snr_kernel_db", "SNR w (dB)"),
+    ("quant_snr_output_grad_db", "quant_snr_output_grad_db", "SNR grad (dB)"),
+    ("quant_flushed_frac", "quant_flushed_frac", "flushed"),
+    ("quant_saturated_frac", "quant_saturated_frac", "saturated"),
     ("precision_drift", "precision_drift", "precision drift"),
 ]
 WITH_SPREAD = ("train_ce", "val_ce")
@@ -280,12 +285,15 @@ def write_csv(rows: list[dict], path: Path) -> None:
 
 
 def markdown_table(exp: Experiment, rows: list[dict], target: float | None) -> str:
-    headers = ["variant", "status"] + [h for _, _, h in MEAN_COLUMNS] + ["NaN step", f"vs {exp.baseline} (p)"]
+    # Recipe telemetry columns only where some cell ran a recipe (they are empty otherwise).
+    shown = [(c, h) for c, _, h in MEAN_COLUMNS
+             if not c.startswith("quant_") or any(r.get(c) is not None for r in rows)]
+    headers = ["variant", "status"] + [h for _, h in shown] + ["NaN step", f"vs {exp.baseline} (p)"]
     lines = [f"# Experiment `{exp.name}`", "",
              "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for r in rows:
         cells = [r["variant"], r["status"]]
-        cells += [_fmt(r[c], r.get(c + "_std")) for c, _, _ in MEAN_COLUMNS]
+        cells += [_fmt(r[c], r.get(c + "_std")) for c, _ in shown]
         cells.append(_fmt(r["nan_step"]))
         verdict = r["vs_baseline"] or "-"
         if r["p_value"] is not None:
@@ -304,6 +312,11 @@ def markdown_table(exp: Experiment, rows: list[dict], target: float | None) -> s
               f"(nonzero updates that leave the stored weight unchanged): means over every training step; "
               f"fp8 saturated: the max over steps; precision drift: KL of the policy's forward pass to the "
               f"fp32 forward on validation data, at the end.",
+              *([f"- SNR in/w/grad: quantization signal-to-noise ratio 10 log10(sum x^2 / sum (x - Q(x))^2) "
+                 f"of each recipe dot's inputs, weights and output gradients (forward and backward GEMM "
+                 f"together), mean over layers and steps; flushed: nonzero elements quantized to 0; "
+                 f"saturated: elements clipped at the format's max (both means over every quantized tensor)."]
+                if any(c.startswith("quant_") for c, _ in shown) else []),
               f"- vs {exp.baseline}: Welch's t-test (unequal variances, two-sided) of final validation CE "
               f"against the same settings under the {exp.baseline} policy; `worse`/`better` when "
               f"p < {exp.alpha:g}, `same` otherwise (absence of evidence at this seed count, not equivalence); "

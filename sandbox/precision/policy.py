@@ -16,8 +16,14 @@ a static jit argument) that answers four questions:
   (the deliberately failing naive-softmax ablation is a model option,
   `GPT.naive_softmax`, not a precision);
 * how matmuls run: the `lax.Precision` (fp32 = HIGHEST; GPUs otherwise use
-  TF32 silently, so `tf32` is its own policy) and, for fp8, the dot_general
-  with delayed scaling (see `fp8.py`).
+  TF32 silently, so `tf32` is its own policy) and, for the low-precision
+  recipes, which dot_general the dense layers (and optionally the head) use:
+  `fp8` is delayed per-tensor scaling (`fp8.py`, the `fp8_delayed` recipe);
+  `fp8_current`, `fp8_rowwise`, `fp8_block`, `mxfp8`, `mxfp6`, `mxfp4` and
+  `nvfp4` are the stateless recipes of `recipes/` (`RecipeDotGeneral`), each
+  with bf16 compute around the quantized GEMMs. `keep_bf16` names dense
+  layers left unquantized ("first", "last", "block_<i>": the NVFP4 recipe
+  keeps a few blocks in bf16), and the head is quantized only on request.
 
 The gradient side (loss scaling) lives in `loss_scale.py`; the policy only
 says which scaler it wants. What a step measures (telemetry) is the step's
@@ -39,6 +45,8 @@ from jax import lax
 from sandbox.config import Fp8Config
 from sandbox.errors import UserError
 from sandbox.precision.fp8 import Fp8DotGeneral
+from sandbox.precision.recipes import recipe as recipes
+from sandbox.precision.recipes.module import RecipeDotGeneral
 
 DTYPES = {
     "float32": jnp.float32, "f32": jnp.float32, "fp32": jnp.float32,
@@ -58,7 +66,10 @@ class Policy:
     softmax_dtype: jnp.dtype = jnp.float32  # attention scores -> probabilities
     matmul_precision: str = "highest"  # 'highest' (true fp32) or 'default' (TF32 on GPUs)
     loss_scaling: str = "none"  # the scaler this policy wants: none | dynamic | static
-    fp8: Fp8Config | None = None
+    fp8: Fp8Config | None = None  # delayed per-tensor fp8 (the `fp8` preset)
+    recipe: recipes.Recipe | None = None  # a stateless low-precision recipe (fp8_current, mxfp8, nvfp4, ...)
+    keep_bf16: tuple[str, ...] = ()  # dense layers a recipe leaves unquantized: first | last | block_<i>
+    quantize_head: bool = False  # a recipe also quantizes the output head
 
     # -- casts -----------------------------------------------------------
     def cast_to_compute(self, params):
@@ -75,13 +86,25 @@ class Policy:
     def precision(self) -> lax.Precision:
         return lax.Precision.HIGHEST if self.matmul_precision == "highest" else lax.Precision.DEFAULT
 
-    def dot_general_cls(self, head: bool = False):
-        """The dot_general module class for nn.Dense, or None for lax.dot_general."""
-        if self.fp8 is None or (head and not self.fp8.head):
+    def dot_general_cls(self, head: bool = False, block: int | None = None, n_layer: int | None = None):
+        """The dot_general module class for nn.Dense (`block` of `n_layer`) or the head, or None for lax's."""
+        if self.fp8 is not None:
+            if head and not self.fp8.head:
+                return None
+            return functools.partial(Fp8DotGeneral, fwd_dtype=FP8_DTYPES[self.fp8.fwd_dtype],
+                                     bwd_dtype=FP8_DTYPES[self.fp8.bwd_dtype],
+                                     history_len=self.fp8.history_len, margin=self.fp8.margin)
+        if self.recipe is None or (head and not self.quantize_head) or self.keeps(block, n_layer):
             return None
-        return functools.partial(Fp8DotGeneral, fwd_dtype=FP8_DTYPES[self.fp8.fwd_dtype],
-                                 bwd_dtype=FP8_DTYPES[self.fp8.bwd_dtype],
-                                 history_len=self.fp8.history_len, margin=self.fp8.margin)
+        return functools.partial(RecipeDotGeneral, recipe=self.recipe)
+
+    def keeps(self, block: int | None, n_layer: int | None) -> bool:
+        """Whether dense layers of `block` stay in the compute dtype (precision.recipe.keep_bf16)."""
+        if block is None:
+            return False
+        names = {f"block_{block}"} | ({"first"} if block == 0 else set()) | \
+            ({"last"} if n_layer is not None and block == n_layer - 1 else set())
+        return bool(names & set(self.keep_bf16))
 
     # -- attention softmax -------------------------------------------------
     def attention_softmax(self, scores, mask, naive: bool = False):
@@ -109,6 +132,12 @@ class Policy:
         if self.fp8:
             parts.append(f"fp8={self.fp8.fwd_dtype}/{self.fp8.bwd_dtype} hist={self.fp8.history_len} "
                          f"margin={self.fp8.margin}")
+        if self.recipe:
+            parts.append(f"recipe={recipes.describe(self.recipe)}")
+            if self.keep_bf16:
+                parts.append(f"kept in bf16: {', '.join(self.keep_bf16)}")
+            if self.quantize_head:
+                parts.append("head quantized")
         return ", ".join(parts)
 
 
@@ -130,6 +159,12 @@ PRESETS = {
                         matmul_precision="default"),
     "fp16_noscale": Policy("fp16_noscale", compute_dtype=jnp.float16, matmul_precision="default"),
 }
+# The stateless recipes (precision/recipes/recipe.py), each around bf16 compute; the names are
+# the recipes' own, relied on by users and scripts.
+RECIPE_POLICIES = ("fp8_current", "fp8_rowwise", "fp8_block", "mxfp8", "mxfp6", "mxfp4", "nvfp4")
+for _name in RECIPE_POLICIES:
+    PRESETS[_name] = Policy(_name, compute_dtype=jnp.bfloat16, matmul_precision="default",
+                            recipe=recipes.preset(_name))
 
 
 def parse_policy_string(text: str) -> Policy:
@@ -159,8 +194,8 @@ def parse_policy_string(text: str) -> Policy:
 
 
 def make_policy(precision_cfg) -> Policy:
-    """The Policy a `precision:` config section describes (its fp8 section is taken as is), or the policy
-    a string names (a preset or a jmp-style string), as `make_policy('fp16')` in user code."""
+    """The Policy a `precision:` config section describes (its fp8 and recipe sections applied), or the
+    policy a string names (a preset or a jmp-style string), as `make_policy('fp16')` in user code."""
     if isinstance(precision_cfg, str):
         return parse_policy_string(precision_cfg)
     policy = parse_policy_string(precision_cfg.policy)
@@ -168,4 +203,9 @@ def make_policy(precision_cfg) -> Policy:
     changes = dict(loss_scaling=policy.loss_scaling if ls_mode == "auto" else ls_mode)
     if policy.fp8 is not None:
         changes["fp8"] = precision_cfg.fp8
+    if policy.recipe is not None:
+        r = precision_cfg.recipe
+        changes.update(recipe=recipes.customized(policy.recipe, r.wgrad_hadamard, r.stochastic_rounding,
+                                                 r.weight_blocks),
+                       keep_bf16=tuple(r.keep_bf16), quantize_head=r.head)
     return dataclasses.replace(policy, **changes)

@@ -20,6 +20,8 @@ import numpy as np
 
 from sandbox import config as config_lib
 from sandbox.logger import RunLogger, flatten, read_metrics
+from sandbox.precision.recipes.recipe import ROLES
+from sandbox.precision.recipes.telemetry import hist_exponents
 from sandbox.train.hooks import Hooks
 from sandbox.train.state import TrainState
 from sandbox.train.step import guarded_tree
@@ -93,6 +95,9 @@ class StepRecorder:
     def _row(self, step: int, m: dict, state, tokens_per_s: float, step_time: float, last: bool) -> bool:
         leaves = m.pop("nonfinite_leaves", None)
         scale_after = m.pop("loss_scale_after", None)
+        hists = m.pop("quant_hist", None)  # once per read-back batch: the last row's (a log interval)
+        if hists is not None and last:
+            self.log.histograms(step + 1, {k: (hist_exponents(), np.asarray(v)) for k, v in hists.items()})
         bad = [self.leaf_names[j] for j in np.flatnonzero(leaves)] if leaves is not None else []
         scalars = flatten(m)
         # ppl/bits/kl_to_source describe the CE part (the loss may carry beta * KL too)
@@ -167,6 +172,13 @@ def run_telemetry(rows: list[dict]) -> dict:
             out[key] = float(np.mean(vals))
     if sat := values(lambda k: k.startswith("fp8_stats/") and "saturated" in k):
         out["fp8_saturated_frac"] = float(np.max(sat))
+    # Recipe telemetry (recipes/telemetry.py): per operand role, the mean over layers and steps
+    for role in ROLES:
+        if snr := values(lambda k, role=role: k.startswith("quant/") and k.endswith(f"/{role}_snr_db")):
+            out[f"quant_snr_{role}_db"] = float(np.mean(snr))
+    for stat in ("flushed_frac", "saturated_frac"):
+        if vals := values(lambda k, stat=stat: k.startswith("quant/") and k.endswith(f"_{stat}")):
+            out[f"quant_{stat}"] = float(np.mean(vals))
     return out
 
 

@@ -48,6 +48,9 @@ from sandbox.objectives import kl_objective
 from sandbox.precision.fp8 import FP8_STATS, combine_observed, update_fp8_meta
 from sandbox.precision.loss_scale import LossScaler, all_finite, nonfinite_leaf_mask, select_tree
 from sandbox.precision.policy import FP8_DTYPES, Policy
+from sandbox.precision.recipes.module import QUANT_PROBE, QUANT_RNG
+from sandbox.precision.recipes.recipe import ROLES
+from sandbox.precision.recipes.telemetry import histogram, summarize
 from sandbox.reference import frozen_logits, precision_drift
 from sandbox.train.guard import Checks, GuardRules, decide, spike
 from sandbox.train.state import TrainState
@@ -90,12 +93,18 @@ class StepContext:
                           total_steps=self.total_steps, enabled=self.guard)
 
 
-def forward(ctx: StepContext, params, fp8_meta, inputs_BT, *, key=None, mutable=()):
-    """Logits (fp32) of the model under the policy, and the sown collections."""
+def forward(ctx: StepContext, params, fp8_meta, inputs_BT, *, key=None, mutable=(), probes=None):
+    """Logits (fp32) of the model under the policy, and the sown collections.
+
+    `key` (training) seeds dropout and, folded once more, stochastic rounding (QUANT_RNG);
+    `probes` (recipe_probes) ask the recipe dots for their telemetry, as cotangents.
+    """
     variables = {"params": ctx.policy.cast_to_compute(params)}
     if fp8_meta:
         variables["fp8_meta"] = fp8_meta
-    rngs = {"dropout": key} if key is not None else {}
+    if probes:
+        variables[QUANT_PROBE] = probes
+    rngs = {"dropout": key, QUANT_RNG: jax.random.fold_in(key, 1)} if key is not None else {}
     logits, sown = ctx.model.apply(variables, inputs_BT, deterministic=key is None, rngs=rngs,
                                    mutable=list(mutable))
     return logits, sown
@@ -113,15 +122,40 @@ def _boundary_stats(dlogits_scaled, compute_dtype) -> dict:
     }
 
 
+def recipe_probes(ctx: StepContext, inputs_BT) -> dict:
+    """Zero telemetry probes of the model's recipe dots ({} when there are none or no telemetry)."""
+    if ctx.policy.recipe is None or not ctx.telemetry:
+        return {}
+    shapes = jax.eval_shape(ctx.model.init, jax.random.key(0), inputs_BT).get(QUANT_PROBE, {})
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
+def recipe_metrics(stats) -> tuple[dict, dict]:
+    """(per-tensor SNR/flushed/saturated scalars, per-tensor scale-exponent histograms) of probe cotangents."""
+    scalars, hists = {}, {}
+    for path, vec in jax.tree_util.tree_flatten_with_path(stats)[0]:
+        keys = [getattr(k, "key", str(k)) for k in path[:-1]]  # the last is the probe's own name
+        where = "/".join(k for k in keys if not k.startswith("RecipeDotGeneral_"))  # 'block_0/qkv', 'head_dot'
+        for i, role in enumerate(ROLES):
+            scalars.update({f"{where}/{role}_{k}": v for k, v in summarize(vec[i]).items()})
+            hists[f"{where}/{role}"] = histogram(vec[i])
+    return scalars, hists
+
+
 def microbatch_grads(ctx: StepContext, params, fp8_meta, inputs_BT, targets_BT, scale, key,
                      ref_logits=None, beta=0.0):
-    """Scaled grads (param dtype), observed fp8 amaxes, loss and auxiliary metrics of one microbatch."""
+    """Scaled grads (param dtype), observed fp8 amaxes, loss and auxiliary metrics of one microbatch.
+
+    With a recipe policy at telemetry steps, aux["quant_stats"] holds each recipe dot's telemetry
+    sums (recipes/telemetry.py), the cotangents of its probe.
+    """
     policy = ctx.policy
+    probes = recipe_probes(ctx, inputs_BT)
 
-    def fwd(p, m):
-        return forward(ctx, p, m, inputs_BT, key=key, mutable=ctx.mutable)
+    def fwd(p, m, pr):
+        return forward(ctx, p, m, inputs_BT, key=key, mutable=ctx.mutable, probes=pr)
 
-    logits, vjp_fn, sown = jax.vjp(fwd, params, fp8_meta, has_aux=True)
+    logits, vjp_fn, sown = jax.vjp(fwd, params, fp8_meta, probes, has_aux=True)
 
     def objective(lg):  # ref_logits is a stop_gradient constant: only the model's logits get d/d
         return kl_objective(lg, targets_BT, ref_logits, beta=beta, direction=ctx.kl.direction if ctx.kl else "",
@@ -132,7 +166,9 @@ def microbatch_grads(ctx: StepContext, params, fp8_meta, inputs_BT, targets_BT, 
     aux = dict(parts)
     if ctx.telemetry and jnp.dtype(policy.compute_dtype) != jnp.float32:
         aux.update(_boundary_stats(dlogits_scaled, policy.compute_dtype))
-    grads, observed = vjp_fn(dlogits_scaled)
+    grads, observed, quant_stats = vjp_fn(dlogits_scaled)
+    if quant_stats:
+        aux["quant_stats"] = quant_stats
     sown = jax.tree.map(lambda x: x[0] if isinstance(x, tuple) else x, sown,
                         is_leaf=lambda x: isinstance(x, tuple))
     return grads, observed, loss, aux, sown
@@ -240,6 +276,7 @@ def train_step(state: TrainState, batch, frozen=None, *, ctx: StepContext):
     """`frozen`: the KL reference's {"params", "fp8_meta"} (not donated, not in the state), or None."""
     policy, scaler = ctx.policy, ctx.scaler
     grads, observed, loss, aux, sown = accumulate(ctx, state, batch, frozen)
+    quant_stats = aux.pop("quant_stats", None)  # sums averaged over microbatches: ratios unchanged
     grads32 = unscaled(ctx, grads, state.loss_scale)
 
     loss_finite = jnp.isfinite(loss)
@@ -291,6 +328,8 @@ def train_step(state: TrainState, batch, frozen=None, *, ctx: StepContext):
         metrics.update(_telemetry(updates, new_params, state.params))
     if FP8_STATS in sown:
         metrics["fp8_stats"] = sown[FP8_STATS]
+    if quant_stats:
+        metrics["quant"], metrics["quant_hist"] = recipe_metrics(quant_stats)
     if new_meta:
         metrics["fp8"] = fp8_summary(new_meta)
     if STATS in sown:

@@ -45,6 +45,7 @@ from sandbox.precision.recipes.formats import element_format
 from sandbox.precision.recipes.hadamard import rht
 from sandbox.precision.recipes.quantize import fake_quant
 from sandbox.precision.recipes.recipe import ROLES, Recipe
+from sandbox.precision.recipes.telemetry import N_STATS, quantize_with_stats
 
 # fold_in ids of the six quantizations of one scaled_dot
 _FWD_INPUT, _FWD_KERNEL, _DGRAD_GRAD, _DGRAD_KERNEL, _WGRAD_INPUT, _WGRAD_GRAD = range(6)
@@ -56,38 +57,46 @@ def _matmul_f32(a, b):
     )
 
 
-def _fq(x, spec, axis, key, use):
-    return fake_quant(x, spec, axis=axis, key=jax.random.fold_in(key, use))
+def _fq(x, spec, axis, key, use, with_stats=False):
+    """(fake-quantized x, its telemetry vector or None)."""
+    k = jax.random.fold_in(key, use)
+    if with_stats:
+        return quantize_with_stats(x, spec, axis=axis, key=k)
+    return fake_quant(x, spec, axis=axis, key=k), None
 
 
-def _forward(x, w, key, recipe):
-    return _matmul_f32(
-        _fq(x, recipe.input, 1, key, _FWD_INPUT), _fq(w, recipe.kernel, 0, key, _FWD_KERNEL)
-    )
+def _forward(x, w, key, recipe, with_stats=False):
+    xq, x_stats = _fq(x, recipe.input, 1, key, _FWD_INPUT, with_stats)
+    wq, w_stats = _fq(w, recipe.kernel, 0, key, _FWD_KERNEL, with_stats)
+    return _matmul_f32(xq, wq), (x_stats, w_stats)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _emulated_matmul(x_MK, w_KN, key, recipe: Recipe, out_dtype):
-    return _forward(x_MK, w_KN, key, recipe).astype(out_dtype)
+@partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _emulated_matmul(x_MK, w_KN, key, probe, recipe: Recipe, out_dtype, with_stats):
+    del probe  # only its cotangent matters: the telemetry (module doc of telemetry.py)
+    return _forward(x_MK, w_KN, key, recipe)[0].astype(out_dtype)
 
 
-def _emulated_matmul_fwd(x_MK, w_KN, key, recipe, out_dtype):
-    return _forward(x_MK, w_KN, key, recipe).astype(out_dtype), (x_MK, w_KN, key)
+def _emulated_matmul_fwd(x_MK, w_KN, key, probe, recipe, out_dtype, with_stats):
+    out, fwd_stats = _forward(x_MK, w_KN, key, recipe, with_stats)
+    return out.astype(out_dtype), (x_MK, w_KN, key, jnp.zeros_like(probe), fwd_stats)
 
 
-def _emulated_matmul_bwd(recipe, out_dtype, residuals, g_MN):
-    x_MK, w_KN, key = residuals
-    g_q = _fq(g_MN, recipe.output_grad, 1, key, _DGRAD_GRAD)
-    w_q = _fq(w_KN, recipe.kernel, 1, key, _DGRAD_KERNEL)
+def _emulated_matmul_bwd(recipe, out_dtype, with_stats, residuals, g_MN):
+    x_MK, w_KN, key, probe_ct, (x_stats, w_stats) = residuals
+    g_q, g_stats = _fq(g_MN, recipe.output_grad, 1, key, _DGRAD_GRAD, with_stats)
+    w_q, wt_stats = _fq(w_KN, recipe.kernel, 1, key, _DGRAD_KERNEL, with_stats)
     dx_MK = _matmul_f32(g_q, w_q.T)
     x_w, g_w = x_MK, g_MN
     if recipe.wgrad_hadamard:
         x_w = rht(x_MK, 0, recipe.hadamard_size, recipe.hadamard_seed)
         g_w = rht(g_MN, 0, recipe.hadamard_size, recipe.hadamard_seed)
-    x_q = _fq(x_w, recipe.input, 0, key, _WGRAD_INPUT)
-    g_q = _fq(g_w, recipe.output_grad, 0, key, _WGRAD_GRAD)
+    x_q, xt_stats = _fq(x_w, recipe.input, 0, key, _WGRAD_INPUT, with_stats)
+    g_q, gt_stats = _fq(g_w, recipe.output_grad, 0, key, _WGRAD_GRAD, with_stats)
     dw_KN = _matmul_f32(x_q.T, g_q)
-    return dx_MK.astype(x_MK.dtype), dw_KN.astype(w_KN.dtype), None
+    if with_stats:  # each tensor over both GEMMs it enters, rows in ROLES order
+        probe_ct = jnp.stack([x_stats + xt_stats, w_stats + wt_stats, g_stats + gt_stats])
+    return dx_MK.astype(x_MK.dtype), dw_KN.astype(w_KN.dtype), None, probe_ct
 
 
 _emulated_matmul.defvjp(_emulated_matmul_fwd, _emulated_matmul_bwd)
@@ -145,12 +154,14 @@ def _delayed_dot(lhs, rhs, dimension_numbers, recipe, meta, precision, out_dtype
 
 def scaled_dot(
     lhs, rhs, dimension_numbers, recipe: Recipe, precision=None, preferred_element_type=None,
-    *, key=None, meta=None,
+    *, key=None, meta=None, probe=None,
 ):
     """dot_general whose three GEMMs read operands quantized per `recipe`.
 
-    key:  required when any operand rounds stochastically (recipe.rounding_key).
-    meta: the FP8_META layer dict (init_delayed_meta), required for delayed recipes.
+    key:   required when any operand rounds stochastically (recipe.rounding_key).
+    meta:  the FP8_META layer dict (init_delayed_meta), required for delayed recipes.
+    probe: optional zeros [len(ROLES), telemetry.N_STATS]; its cotangent under jax.grad is
+           each operand's telemetry vector (forward and backward quantization summed).
     `functools.partial(scaled_dot, recipe=..., key=...)` is a drop-in dot_general.
     """
     out_dtype = jnp.dtype(preferred_element_type or lhs.dtype)
@@ -163,4 +174,7 @@ def scaled_dot(
             raise ValueError(f"recipe {recipe.name!r} rounds stochastically and needs key=")
         key = jax.random.key(0)  # unused: every rounding is to nearest
     x_MK, w_KN, out_shape = _as_matrices(lhs, rhs, dimension_numbers)
-    return _emulated_matmul(x_MK, w_KN, key, recipe, out_dtype).reshape(out_shape)
+    with_stats = probe is not None
+    if probe is None:
+        probe = jnp.zeros((len(ROLES), N_STATS), jnp.float32)
+    return _emulated_matmul(x_MK, w_KN, key, probe, recipe, out_dtype, with_stats).reshape(out_shape)

@@ -180,3 +180,50 @@ def preset(name: str) -> Recipe:
     if name not in PRESETS:
         raise UserError(f"unknown recipe {name!r}; choose one of {sorted(PRESETS)}")
     return PRESETS[name]
+
+
+SWITCHES = ("preset", "on", "off")
+
+
+def customized(recipe: Recipe, wgrad_hadamard="preset", stochastic_rounding="preset",
+               weight_blocks="preset") -> Recipe:
+    """The recipe with parts of it switched on or off (config keys precision.recipe.*).
+
+    wgrad_hadamard       the random Hadamard transform on the wgrad GEMM's operands
+    stochastic_rounding  of the output gradients (both GEMMs they enter)
+    weight_blocks        on: NxN weight blocks (forward and dgrad see one quantized weight);
+                         off: 1xN tiles along each GEMM's contracting axis, like the activations
+    "preset" keeps the recipe's own choice.
+    """
+    for key, value in (("wgrad_hadamard", wgrad_hadamard), ("stochastic_rounding", stochastic_rounding),
+                       ("weight_blocks", weight_blocks)):
+        _check(value, SWITCHES, f"precision.recipe.{key}")
+    changes = {}
+    if wgrad_hadamard != "preset":
+        changes["wgrad_hadamard"] = wgrad_hadamard == "on"
+    if stochastic_rounding != "preset":
+        rounding = "stochastic" if stochastic_rounding == "on" else "nearest"
+        changes["output_grad"] = dataclasses.replace(recipe.output_grad, rounding=rounding)
+    if weight_blocks != "preset":
+        kernel = recipe.kernel
+        if kernel.granularity not in ("tile", "block"):
+            raise UserError(f"precision.recipe.weight_blocks: recipe {recipe.name!r} scales its weights per "
+                            f"{kernel.granularity}, not in tiles or blocks; leave it at 'preset'")
+        changes["kernel"] = dataclasses.replace(kernel, granularity="block" if weight_blocks == "on" else "tile")
+    return dataclasses.replace(recipe, **changes)
+
+
+def _describe_operand(spec: OperandSpec) -> str:
+    n = spec.block_size
+    where = {"tensor": "tensor", "row": "row", "tile": f"1x{n}", "block": f"{n}x{n}"}[spec.granularity]
+    scale = spec.scale + ("+fp32" if spec.tensor_scale else "")
+    extra = (" delayed" if spec.amax == "delayed" else "") + (" SR" if spec.rounding == "stochastic" else "")
+    return f"{spec.element} {where} {scale}{extra}"
+
+
+def describe(recipe: Recipe) -> str:
+    """One line: 'nvfp4 (input e2m1 1x16 e4m3+fp32, kernel e2m1 16x16 e4m3+fp32, ..., wgrad RHT 16)'."""
+    parts = [f"{role} {_describe_operand(recipe.spec(role))}" for role in ROLES]
+    if recipe.wgrad_hadamard:
+        parts.append(f"wgrad RHT {recipe.hadamard_size}")
+    return f"{recipe.name} ({', '.join(parts)})"
