@@ -1,9 +1,15 @@
 """The engine's cost per policy: sandbox step vs a bare JAX + Flax + optax step, telemetry and guard.
 
     python scripts/bench_step.py --size small --policies fp32,bf16,fp16,fp8
+    python scripts/bench_step.py --size tiny --compare --policies bf16,fp8,fp8_current,mxfp8,nvfp4
 
 Targets: sandbox >= 0.95x bare tokens/s; telemetry off within 2% of bare, on within 15%;
 default guard within 3% of no guard. Variants are timed round-robin (sandbox/bench.py).
+
+--compare: the cost of each policy relative to the first, e.g. what each emulated recipe
+costs per CPU step against bf16: the sandbox steps of all the policies are timed
+round-robin in one process (a shared machine's load hits them alike), with telemetry
+off (the lean step that runs between telemetry steps) and on.
 """
 
 from __future__ import annotations
@@ -27,7 +33,10 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=10, help="steps per timed chunk")
     ap.add_argument("--repeats", type=int, default=5, help="timed chunks per variant (best is reported)")
     ap.add_argument("--json", default="bench_step.json", help="where to write all rows as JSON")
+    ap.add_argument("--compare", action="store_true", help="time the policies against the first (module doc)")
     args = ap.parse_args(argv)
+    if args.compare:
+        return compare(args)
 
     table, raw = [], []
     for policy in args.policies.split(","):
@@ -48,6 +57,31 @@ def main(argv=None) -> int:
             ("guard_vs_none", "guard/no-guard", ".3f")]
     bench.print_report(env, table, cols, repeats=args.repeats, steps=args.steps, json_path=args.json,
                        note=f"size {args.size}; ")
+    return 0
+
+
+def compare(args) -> int:
+    policies = args.policies.split(",")
+    variants = []
+    for policy in policies:
+        cfg = bench.load_config(args.size, policy)
+        variants += [bench.sandbox_variant(cfg, name=f"{policy}", telemetry=False),
+                     bench.sandbox_variant(cfg, name=f"{policy}+telemetry")]
+    print(f"{args.size}: timing {len(variants)} steps round-robin ...", file=sys.stderr, flush=True)
+    bench.measure(variants, steps=args.steps, repeats=args.repeats)
+    best = {v.name: min(v.times) for v in variants}
+    base = best[policies[0]]
+    table = [{"policy": p, "step_ms": best[p] * 1e3, "vs_first": best[p] / base,
+              "step_ms_telemetry": best[f"{p}+telemetry"] * 1e3, "telemetry_vs_first": best[f"{p}+telemetry"] / base,
+              "compile_s": next(v.compile_s for v in variants if v.name == p)} for p in policies]
+    env = bench.environment()
+    with open(args.json, "w", encoding="utf-8") as f:
+        json.dump({"environment": env, "size": args.size, "table": table}, f, indent=2)
+    cols = [("policy", "policy", ""), ("step_ms", "step ms", ".1f"), ("vs_first", f"vs {policies[0]}", ".2f"),
+            ("step_ms_telemetry", "step ms, telemetry on", ".1f"),
+            ("telemetry_vs_first", f"telemetry on vs {policies[0]}", ".2f"), ("compile_s", "compile s", ".1f")]
+    bench.print_report(env, table, cols, repeats=args.repeats, steps=args.steps, json_path=args.json,
+                       note=f"size {args.size}; step time per policy, round-robin; ")
     return 0
 
 

@@ -46,3 +46,15 @@ def test_script_prints_a_markdown_table_last(name, tmp_path, capsys):
     assert ratio > 0
     data = json.loads(out.read_text())
     assert data["environment"]["backend"] == "cpu" and data.get("rows")
+
+
+@pytest.mark.slow  # four compiles
+def test_bench_step_compare_times_each_policy_against_the_first(tmp_path, capsys):
+    out = tmp_path / "out.json"
+    args = ["--compare", "--size", "tiny", "--policies", "bf16,fp8_current", "--steps", "1", "--repeats", "1",
+            "--json", str(out)]
+    assert _script("bench_step").main(args) == 0
+    table = json.loads(out.read_text())["table"]
+    assert [r["policy"] for r in table] == ["bf16", "fp8_current"] and table[0]["vs_first"] == 1.0
+    assert all(r["step_ms"] > 0 and r["step_ms_telemetry"] > 0 for r in table)
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("| fp8_current |")
