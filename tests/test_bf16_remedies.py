@@ -14,13 +14,13 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+import optax
 import pytest
 import yaml
 
 from sandbox import config as config_lib
 from sandbox.cli import main
 from sandbox.logger import read_metrics
-from sandbox.precision import lowp_optim as lo
 from sandbox.precision.policy import PRESETS
 from sandbox.train import setup
 from sandbox.train.step import optimizer_update
@@ -127,3 +127,20 @@ def test_cli_trains_and_resumes_bit_exactly_with_memory_and_telemetry_in_the_sum
         assert nbytes(comp) == (2 * n_params if policy == "bf16_kahan" else 4)  # buffer / SR's int32 count
         assert all("recovered_update_frac" in r for r in a)
         assert summary["recovered_update_frac"] > 0.05  # at this lr plain rounding would drop these
+
+
+@pytest.mark.parametrize("policy", ["bf16_kahan", "bf16_sr"])
+def test_the_steps_split_update_equals_the_optax_chain(tmp_path, policy):
+    """The step runs the rounding stage apart (for telemetry); the result must be optax.chain's."""
+    cfg = config_lib.load_config(_yaml(tmp_path, policy))
+    run = setup.build(cfg, with_data=False)
+    state = setup.initial_state(run)
+    grads = jax.tree.map(lambda p: jnp.cos(jnp.arange(p.size, dtype=jnp.float32)).reshape(p.shape) * 1e-2,
+                         state.params)
+    _, new_params, new_opt = optimizer_update(run.ctx, grads, state.opt_state, state.params)
+    tx = run.parts.full_tx
+    deltas, chain_opt = tx.update(run.policy.cast_to_param(grads), state.opt_state, state.params)
+    chain_params = optax.apply_updates(state.params, deltas)
+    same = jax.tree.map(lambda a, b: a.dtype == b.dtype and np.asarray(a).tobytes() == np.asarray(b).tobytes(),
+                        (new_params, new_opt), (chain_params, chain_opt))
+    assert all(jax.tree.leaves(same))
