@@ -144,3 +144,48 @@ def test_the_steps_split_update_equals_the_optax_chain(tmp_path, policy):
     same = jax.tree.map(lambda a, b: a.dtype == b.dtype and np.asarray(a).tobytes() == np.asarray(b).tobytes(),
                         (new_params, new_opt), (chain_params, chain_opt))
     assert all(jax.tree.leaves(same))
+
+
+_MESHES = """
+import json, sys
+from pathlib import Path
+import jax
+from conftest import tiny_config
+from sandbox.train.loop import build, initial_state, place_batch
+
+tmp = Path(sys.argv[1])
+out = {}
+for policy, moments in [("bf16_sr", "auto"), ("bf16_kahan", "fp8")]:
+    for data, fsdp in [(1, 1), (1, 4), (2, 2)]:
+        cfg = tiny_config(tmp, f"{policy}{data}x{fsdp}", {"mesh": {"data": data, "fsdp": fsdp},
+                          "precision": {"policy": policy, "moments": moments}})
+        run = build(cfg)
+        state = initial_state(run)
+        losses = []
+        for k in range(4):
+            state, m = run.step_fn(state, place_batch(run, run.pipeline.train_batch(k)))
+            losses.append(float(m["loss"]))
+        last = state.opt_state[1]
+        leaf = last.compensation["embed"]["embedding"] if policy == "bf16_kahan" else last.count
+        out[f"{policy}_{data}x{fsdp}"] = {"losses": losses, "spec": str(leaf.sharding.spec),
+                                          "param_spec": str(state.params["embed"]["embedding"].sharding.spec),
+                                          "recovered": float(m["recovered_update_frac"])}
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_remedies_train_on_sharded_meshes_like_on_one_device(tmp_path):
+    """The rounding stage's state is sharded like the parameters (the Kahan buffer) and the run
+    follows the one-device run (bf16 weights: equal up to the mesh's reduction order)."""
+    from tests.test_sharding import _run
+
+    out = _run(_MESHES, 4, tmp_path)
+    for policy in ("bf16_sr", "bf16_kahan"):
+        ref = out[f"{policy}_1x1"]["losses"]
+        for mesh in ("1x4", "2x2"):
+            r = out[f"{policy}_{mesh}"]
+            assert r["losses"] == pytest.approx(ref, rel=2e-3), (policy, mesh)
+            assert r["recovered"] > 0
+            if policy == "bf16_kahan":
+                assert r["spec"] == r["param_spec"] and "fsdp" in r["spec"], r
