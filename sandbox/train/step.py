@@ -10,7 +10,9 @@ One step, in order:
 3. backward through the model (`jax.vjp`), which also yields the fp8 amaxes
    observed this step (as cotangents of the fp8 meta, see precision/fp8.py);
    microbatches are summed (grads) and max-reduced (amaxes);
-4. gradients unscaled in fp32, checked, clipped and applied by optax;
+4. gradients unscaled in fp32, checked, clipped and applied by optax (bf16
+   weights under bf16_sr / bf16_kahan: through the policy's rounding stage,
+   `optimizer_update`);
 5. guards: a non-finite loss or gradient, or a non-finite leaf anywhere in
    the new state (parameters, optimizer moments: a finite gradient of 1e20
    squares to inf in Adam's nu, fp8 meta, loss scale), never enters the
