@@ -167,7 +167,7 @@ def bare_variant(cfg: config_lib.Config, like: Variant) -> Variant:
     """The bare step on the same model, optimizer, initial parameters, batches and placement as `like`."""
     run = like.run_obj
     state = initial_state(run)
-    tx = run.parts.tx
+    tx = run.parts.full_tx
     carry = (state.params, tx.init(state.params), state.fp8_meta)
     fn = jax.jit(bare_step(run.parts.model, tx, run.policy), donate_argnums=0)
     return Variant("bare", fn, carry, like.batches, run_obj=run)

@@ -150,8 +150,12 @@ class RecipeConfig:
 
 @dataclass(frozen=True)
 class PrecisionConfig:
-    policy: str = F("fp32", "preset (fp32 tf32 bf16 fp16 fp8 bf16_pure fp16_noscale fp8_current fp8_rowwise "
-                            "fp8_block mxfp8 mxfp6 mxfp4 nvfp4) or 'params=..,compute=..,output=..'")
+    policy: str = F("fp32", "preset (fp32 tf32 bf16 fp16 fp8 bf16_pure fp16_noscale bf16_sr bf16_kahan "
+                            "fp8_current fp8_rowwise fp8_block mxfp8 mxfp6 mxfp4 nvfp4) or "
+                            "'params=..,compute=..,output=..'")
+    moments: str = F("auto", "storage of Adam's moments: auto = as the parameters (optax's own adamw; bf16 "
+                             "with the bf16_sr/bf16_kahan rounding stage); fp32 | bf16 | fp8 (E4M3 m, E5M2 v, "
+                             "per-tensor scale), updated in fp32", choices=("auto", "fp32", "bf16", "fp8"))
     naive_softmax: bool = F(False, "teaching ablation: softmax as exp/sum in the compute dtype, no max subtraction")
     naive_log_softmax: bool = F(False, "teaching ablation: the loss takes log(softmax(logits)) instead of log_softmax")
     telemetry: bool = F(True, "collect underflow/overflow/lost-update/fp8 statistics in the step")

@@ -47,7 +47,8 @@ TB_GROUPS = (
     ("loss", ("loss", "ce", "kl", "beta", "bits_per_token", "bits_per_byte", "perplexity", "kl_to_source",
               "entropy", "kl_to_reference_reverse", "kl_to_reference_forward", "precision_drift")),
     ("optim", ("grad_norm", "lr", "update_ratio")),
-    ("precision", ("loss_scale", "underflow_frac", "overflow_frac", "lost_update_frac")),
+    ("precision", ("loss_scale", "underflow_frac", "overflow_frac", "lost_update_frac", "recovered_update_frac",
+                   "nu_underflow_frac")),
     ("speed", ("tokens_per_s", "step_time")),
 )
 TB_GROUP_OF = {key: group for group, keys in TB_GROUPS for key in keys}

@@ -58,6 +58,9 @@ MEAN_COLUMNS = [
     ("final_loss_scale", "final_loss_scale", "final loss scale"),
     ("underflow_frac", "underflow_frac", "underflow"),
     ("lost_update_frac", "lost_update_frac", "lost updates"),
+    ("recovered_update_frac", "recovered_update_frac", "recovered updates"),
+    ("nu_underflow_frac", "nu_underflow_frac", "v underflow"),
+    ("state_bytes_per_param", "state_bytes_per_param", "state B/param"),
     ("fp8_saturated_frac", "fp8_saturated_frac", "fp8 saturated"),
     ("quant_snr_input_db", "quant_snr_input_db", "SNR in (dB)"),
     ("quant_snr_kernel_db", "quant_snr_kernel_db", "SNR w (dB)"),
@@ -309,7 +312,11 @@ def markdown_table(exp: Experiment, rows: list[dict], target: float | None) -> s
               f"- steps to target: first logged train step with loss <= {tgt} nats.",
               f"- overflows: steps the loss scaler skipped; skipped steps: overflow + non-finite + spike skips.",
               f"- underflow (nonzero logit gradients that flush to zero in the compute dtype), lost updates "
-              f"(nonzero updates that leave the stored weight unchanged): means over every training step; "
+              f"(nonzero updates that leave the stored weight unchanged), recovered updates (nonzero updates "
+              f"that rounding to nearest would have dropped but the Kahan buffer or stochastic rounding "
+              f"kept), v underflow (nonzero entries of Adam's second moment stored as 0 in low precision): "
+              f"means over every training step; state B/param: bytes of the train state (weights, master "
+              f"copy, compensation buffer, moments, fp8 meta, counters) per parameter; "
               f"fp8 saturated: the max over steps; precision drift: KL of the policy's forward pass to the "
               f"fp32 forward on validation data, at the end.",
               *([f"- SNR in/w/grad: quantization signal-to-noise ratio 10 log10(sum x^2 / sum (x - Q(x))^2) "

@@ -60,7 +60,9 @@ def _print_summary(result) -> None:
     table.add_column("metric", style="bold")
     table.add_column("value", justify="right")
     for key, value in s.items():
-        if key != "bundle" or value:
+        if isinstance(value, dict):  # state_bytes: the nonzero parts, in one row (the total has its own)
+            table.add_row(key, ", ".join(f"{k} {show_value(v)}" for k, v in value.items() if v and k != "total"))
+        elif key != "bundle" or value:
             table.add_row(key, show_value(value))
     Console().print(table)
 

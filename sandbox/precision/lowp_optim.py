@@ -326,6 +326,41 @@ def adamw_lowp(learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1
     )
 
 
+# -- wiring: what a policy and `precision.moments` select -------------------------------
+
+ROUNDINGS = ("nearest", "stochastic", "kahan")
+
+
+def rounding_stage(rounding: str, seed: int) -> optax.GradientTransformation | None:
+    """The last optimizer stage a policy's `update_rounding` names; None for plain rounding to
+    nearest (`optax.apply_updates`, every policy with fp32 storage, and `bf16_pure`)."""
+    if rounding not in ROUNDINGS:
+        raise UserError(f"update rounding {shown(rounding)} is not one of {', '.join(ROUNDINGS)}")
+    if rounding == "stochastic":
+        return stochastic_rounding(seed)
+    return kahan_compensation() if rounding == "kahan" else None
+
+
+def with_rounding(tx: optax.GradientTransformation, rounding) -> optax.GradientTransformation:
+    """The optimizer whose state a train state holds: optax.chain(tx, rounding), its state the pair
+    (tx's state, the stage's state); `tx` itself without a stage. The train step runs the two
+    halves apart (train/step.py `optimizer_update`) so telemetry sees the update before rounding."""
+    return tx if rounding is None else optax.chain(tx, rounding)
+
+
+def resolve_moments(moments: str, param_dtype, rounding: str) -> str:
+    """The MOMENT_PRESETS name `precision.moments` selects, or "auto" for optax's own adamw.
+
+    "auto" keeps the policies that round to nearest on optax.adamw (moments in the parameters'
+    dtype, computed in it: the golden curves, and bf16_pure's all-bf16 optimizer, stay as they
+    were). With a rounding stage, "auto" means moments stored like the parameters (bf16) but
+    updated in fp32 (`scale_by_adam_lowp`): the remedies fix the weights, not Adam's arithmetic.
+    """
+    if moments != "auto" or rounding == "nearest":
+        return moments
+    return "bf16" if jnp.dtype(param_dtype) == jnp.bfloat16 else "fp32"
+
+
 # -- telemetry -------------------------------------------------------------------
 
 def lost_update_frac(old_params, updates, new_params):
@@ -338,6 +373,13 @@ def lost_update_frac(old_params, updates, new_params):
     lost = jax.tree.map(lambda n, o, c: jnp.sum((n == o) & c), new_params, old_params, changed)
     n_changed = sum(jnp.sum(c) for c in jax.tree.leaves(changed))
     return sum(jax.tree.leaves(lost)) / jnp.maximum(n_changed, 1)
+
+
+def nu_underflow_of(opt_state):
+    """`nu_underflow_frac` of the `scale_by_adam_lowp` state inside an optimizer state, else None."""
+    is_adam = lambda x: isinstance(x, ScaleByLowpAdamState)  # noqa: E731
+    found = [s for s in jax.tree.leaves(opt_state, is_leaf=is_adam) if is_adam(s)]
+    return found[0].nu_underflow_frac if found else None
 
 
 def recovered_update_frac(old_params, updates, new_params):

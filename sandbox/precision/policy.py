@@ -4,7 +4,9 @@ A `Policy` is a frozen, hashable value (so it can be a Flax module field and
 a static jit argument) that answers four questions:
 
 * storage: in which dtype are parameters (and so optimizer updates) kept?
-  fp32 "master weights" for every policy but `bf16_pure`;
+  fp32 "master weights" for every policy but the bf16-weight ones (`bf16_pure`,
+  and its remedies `bf16_sr`, `bf16_kahan`, which say how an update is rounded
+  onto the bf16 weights: `update_rounding`, built by `lowp_optim.rounding_stage`);
 * compute: in which dtype do matmuls and activations run? Parameters are
   cast to it once per step (`cast_to_compute`), selecting the "params"
   collection by type, never "every floating leaf" (fp8 amax histories and
@@ -70,6 +72,9 @@ class Policy:
     recipe: recipes.Recipe | None = None  # a stateless low-precision recipe (fp8_current, mxfp8, nvfp4, ...)
     keep_bf16: tuple[str, ...] = ()  # dense layers a recipe leaves unquantized: first | last | block_<i>
     quantize_head: bool = False  # a recipe also quantizes the output head
+    # How an update lands on the stored weights: nearest (optax.apply_updates) | stochastic | kahan.
+    # The last optimizer stage (lowp_optim.rounding_stage): it matters only for bf16 storage.
+    update_rounding: str = "nearest"
 
     # -- casts -----------------------------------------------------------
     def cast_to_compute(self, params):
@@ -129,6 +134,8 @@ class Policy:
         parts = [f"params={n(self.param_dtype)}", f"compute={n(self.compute_dtype)}",
                  f"output={n(self.output_dtype)}", f"softmax={n(self.softmax_dtype)}",
                  f"matmul={self.matmul_precision}", f"loss_scaling={self.loss_scaling}"]
+        if self.update_rounding != "nearest":
+            parts.append(f"update_rounding={self.update_rounding}")
         if self.fp8:
             parts.append(f"fp8={self.fp8.fwd_dtype}/{self.fp8.bwd_dtype} hist={self.fp8.history_len} "
                          f"margin={self.fp8.margin}")
@@ -158,6 +165,11 @@ PRESETS = {
     "bf16_pure": Policy("bf16_pure", param_dtype=jnp.bfloat16, compute_dtype=jnp.bfloat16,
                         matmul_precision="default"),
     "fp16_noscale": Policy("fp16_noscale", compute_dtype=jnp.float16, matmul_precision="default"),
+    # bf16 weights with no master copy that still learn (docs/precision.md, "bf16 weights that still learn").
+    "bf16_sr": Policy("bf16_sr", param_dtype=jnp.bfloat16, compute_dtype=jnp.bfloat16,
+                      matmul_precision="default", update_rounding="stochastic"),
+    "bf16_kahan": Policy("bf16_kahan", param_dtype=jnp.bfloat16, compute_dtype=jnp.bfloat16,
+                         matmul_precision="default", update_rounding="kahan"),
 }
 # The stateless recipes (precision/recipes/recipe.py), each around bf16 compute; the names are
 # the recipes' own, relied on by users and scripts.

@@ -244,7 +244,7 @@ class Trainer:
         wall = time.perf_counter() - t_start
         s = summary(self.run_dir, cfg, self.recorder, state, policy=run.policy.name, last_val=last_val, wall=wall,
                     compile_time=self._compile_time, status=status, failed_step=failed_step, bundle=bundle,
-                    data_info=run.pipeline.info)
+                    data_info=run.pipeline.info, compute_dtype=run.policy.compute_dtype)
         if sharding.is_primary_process():  # multi-host: one writer (the others hold no lock either)
             rundir.atomic_write(self.run_dir / "summary.json", json.dumps(s, indent=2))
         self.run_lock.release()

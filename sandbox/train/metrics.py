@@ -20,6 +20,7 @@ import numpy as np
 
 from sandbox import config as config_lib
 from sandbox.logger import RunLogger, flatten, read_metrics
+from sandbox.precision.lowp_optim import state_bytes
 from sandbox.precision.recipes.recipe import ROLES
 from sandbox.precision.recipes.telemetry import hist_exponents
 from sandbox.train.hooks import Hooks
@@ -161,13 +162,14 @@ def run_rows(run_dir: Path, cfg: config_lib.Config, history: list[dict]) -> list
 
 
 def run_telemetry(rows: list[dict]) -> dict:
-    """Means of the underflow/overflow/lost-update fractions and the max fp8 saturation, over the run."""
+    """Means of the underflow/overflow/lost/recovered-update and second-moment underflow fractions,
+    and the max fp8 saturation, over the run."""
 
     def values(match):
         return [v for r in rows for k, v in r.items() if match(k) and isinstance(v, (int, float))]
 
     out = {}
-    for key in ("underflow_frac", "overflow_frac", "lost_update_frac"):
+    for key in ("underflow_frac", "overflow_frac", "lost_update_frac", "recovered_update_frac", "nu_underflow_frac"):
         if vals := values(lambda k, key=key: k == key):
             out[key] = float(np.mean(vals))
     if sat := values(lambda k: k.startswith("fp8_stats/") and "saturated" in k):
@@ -184,12 +186,15 @@ def run_telemetry(rows: list[dict]) -> dict:
 
 def summary(run_dir: Path, cfg: config_lib.Config, recorder: StepRecorder, state: TrainState, *, policy: str,
             last_val: dict | None, wall: float, compile_time: float | None, status: str,
-            failed_step: int | None, bundle: Path | None, data_info: dict) -> dict:
+            failed_step: int | None, bundle: Path | None, data_info: dict, compute_dtype=None) -> dict:
     """summary.json. Steps are named by state.step after them (1-based), as in metrics.jsonl.
 
     Everything but timings (wall_time_s, compile_time_s, tokens_per_s) is a function of the run's
     metrics.jsonl and final state, so a resumed run's summary equals the uninterrupted run's.
     train_ce: mean CE over the last 10% (at least one) of the steps that applied an update.
+    state_bytes: the train state's bytes per parameter by kind (params, fp32 master, Kahan buffer,
+    Adam moments, fp8 meta, other), from its leaves' shapes and dtypes (no device read);
+    state_bytes_per_param is their total.
     """
     rows = run_rows(run_dir, cfg, recorder.history)
     applied = [r for r in rows if r.get("applied", 1) and isinstance(r.get("ce", r.get("loss")), (int, float))]
@@ -216,6 +221,8 @@ def summary(run_dir: Path, cfg: config_lib.Config, recorder: StepRecorder, state
         "cause": recorder.cause if status == "failed" else None,
         "bundle": str(bundle) if bundle else None,
     }
+    s["state_bytes"] = state_bytes(state, compute_dtype)
+    s["state_bytes_per_param"] = s["state_bytes"]["total"]
     s.update(run_telemetry(rows))
     for key in ("entropy", "precision_drift", "kl_to_reference_reverse", "kl_to_reference_forward"):
         if last_val and key in last_val:

@@ -39,6 +39,7 @@ from sandbox.data import make_pipeline
 from sandbox.errors import UserError
 from sandbox.model import GPT
 from sandbox.precision.loss_scale import LossScaler
+from sandbox.precision.lowp_optim import resolve_moments, rounding_stage, with_rounding
 from sandbox.precision.policy import Policy, make_policy
 from sandbox.reference import fp32_twin, kl_term, resolve
 from sandbox.train.state import TrainState, init_state, make_optimizer, make_schedule
@@ -52,21 +53,29 @@ class Parts:
     policy: Policy
     model: GPT
     scaler: LossScaler
-    tx: optax.GradientTransformation
+    tx: optax.GradientTransformation  # clip + AdamW, up to the update before it lands on the weights
     schedule: optax.Schedule
+    rounding: optax.GradientTransformation | None = None  # the policy's last stage (bf16_sr, bf16_kahan)
+
+    @property
+    def full_tx(self) -> optax.GradientTransformation:
+        """The whole optimizer (tx, then the rounding stage): the train state holds its state."""
+        return with_rounding(self.tx, self.rounding)
 
 
 def parts(cfg: config_lib.Config) -> Parts:
     policy = make_policy(cfg.precision)
     total = cfg.training.steps
+    moments = resolve_moments(cfg.precision.moments, policy.param_dtype, policy.update_rounding)
     return Parts(policy=policy, model=GPT(cfg.model, policy, naive_softmax=cfg.precision.naive_softmax),
                  scaler=LossScaler.from_config(cfg.precision.loss_scale, policy.loss_scaling),
-                 tx=make_optimizer(cfg.optimizer, total), schedule=make_schedule(cfg.optimizer, total))
+                 tx=make_optimizer(cfg.optimizer, total, moments), schedule=make_schedule(cfg.optimizer, total),
+                 rounding=rounding_stage(policy.update_rounding, cfg.seed))
 
 
 def init_state_of(cfg: config_lib.Config, p: Parts) -> TrainState:
     """The step-0 state of `cfg` (unplaced)."""
-    return init_state(p.model, p.tx, p.scaler, cfg.seed, cfg.model.context, cfg.forensics.spike_window)
+    return init_state(p.model, p.full_tx, p.scaler, cfg.seed, cfg.model.context, cfg.forensics.spike_window)
 
 
 def abstract_state(cfg: config_lib.Config):
@@ -143,7 +152,8 @@ class Run:
 
 def step_context(cfg: config_lib.Config, p: Parts, kl=None) -> StepContext:
     f = cfg.forensics
-    return StepContext(model=p.model, policy=p.policy, scaler=p.scaler, tx=p.tx, schedule=p.schedule, seed=cfg.seed,
+    return StepContext(model=p.model, policy=p.policy, scaler=p.scaler, tx=p.tx, rounding=p.rounding,
+                       schedule=p.schedule, seed=cfg.seed,
                        accum_steps=cfg.optimizer.accum_steps, label_smoothing=cfg.objective.label_smoothing,
                        nan_policy=f.nan_policy, skip_spikes=f.skip_spikes, spike_sigma=f.spike_sigma,
                        collect_stats=f.activations, max_skipped_steps=f.max_skipped_steps,

@@ -7,6 +7,7 @@ and the optimizer never sees fp8 bookkeeping.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -14,6 +15,7 @@ import jax.numpy as jnp
 import optax
 
 from sandbox.model import GPT
+from sandbox.precision.lowp_optim import adamw_lowp
 from sandbox.precision.loss_scale import LossScaler, LossScaleState
 
 
@@ -52,11 +54,16 @@ def _decay_mask(params):
     return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
-def make_optimizer(opt_cfg, total_steps: int) -> optax.GradientTransformation:
-    """Clip (after unscaling, since grads arrive unscaled) then AdamW on a warmup-cosine schedule."""
+def make_optimizer(opt_cfg, total_steps: int, moments: str = "auto") -> optax.GradientTransformation:
+    """Clip (after unscaling, since grads arrive unscaled) then AdamW on a warmup-cosine schedule.
+
+    `moments`: "auto" is optax.adamw (moments in the parameters' dtype); fp32 | bf16 | fp8 store
+    them so and update them in fp32 (`lowp_optim.adamw_lowp`; resolved by `lowp_optim.resolve_moments`).
+    """
     parts = [optax.clip_by_global_norm(opt_cfg.grad_clip)] if opt_cfg.grad_clip > 0 else []
-    parts.append(optax.adamw(make_schedule(opt_cfg, total_steps), b1=opt_cfg.b1, b2=opt_cfg.b2,
-                             eps=opt_cfg.eps, weight_decay=opt_cfg.weight_decay, mask=_decay_mask))
+    adamw = optax.adamw if moments == "auto" else functools.partial(adamw_lowp, moments=moments)
+    parts.append(adamw(make_schedule(opt_cfg, total_steps), b1=opt_cfg.b1, b2=opt_cfg.b2,
+                       eps=opt_cfg.eps, weight_decay=opt_cfg.weight_decay, mask=_decay_mask))
     return optax.chain(*parts)
 
 

@@ -10,7 +10,9 @@ One step, in order:
 3. backward through the model (`jax.vjp`), which also yields the fp8 amaxes
    observed this step (as cotangents of the fp8 meta, see precision/fp8.py);
    microbatches are summed (grads) and max-reduced (amaxes);
-4. gradients unscaled in fp32, checked, clipped and applied by optax;
+4. gradients unscaled in fp32, checked, clipped and applied by optax (bf16
+   weights under bf16_sr / bf16_kahan: through the policy's rounding stage,
+   `optimizer_update`);
 5. guards: a non-finite loss or gradient, or a non-finite leaf anywhere in
    the new state (parameters, optimizer moments: a finite gradient of 1e20
    squares to inf in Adam's nu, fp8 meta, loss scale), never enters the
@@ -47,6 +49,7 @@ from sandbox.model import GPT, STATS
 from sandbox.objectives import kl_objective
 from sandbox.precision.fp8 import FP8_STATS, combine_observed, update_fp8_meta
 from sandbox.precision.loss_scale import LossScaler, all_finite, nonfinite_leaf_mask, select_tree
+from sandbox.precision.lowp_optim import lost_update_frac, nu_underflow_of, recovered_update_frac
 from sandbox.precision.policy import FP8_DTYPES, Policy
 from sandbox.precision.recipes.module import QUANT_PROBE, QUANT_RNG
 from sandbox.precision.recipes.recipe import ROLES
@@ -80,6 +83,7 @@ class StepContext:
     naive_log_softmax: bool = False  # teaching ablation: the loss takes log(softmax) (objectives.py)
     kl: Any = None  # reference.KLTerm when objective.kl is on; its weights come in as `frozen`
     twin: Any = None  # fp32 twin GPT for precision drift in eval_step (reference.fp32_twin)
+    rounding: Any = None  # the policy's last optimizer stage (stochastic rounding, Kahan), run after `tx`
 
     @property
     def mutable(self) -> list[str]:
@@ -234,10 +238,22 @@ def unscaled(ctx: StepContext, grads, loss_scale):
 
 
 def optimizer_update(ctx: StepContext, grads32, opt_state, params):
-    """(updates, new params, new optimizer state in the old state's dtypes) from fp32 gradients."""
-    updates, new_opt = ctx.tx.update(ctx.policy.cast_to_param(grads32), opt_state, params)
+    """(updates, new params, new optimizer state in the old state's dtypes) from fp32 gradients.
+
+    `updates` are the optimizer's, before any rounding stage: with `ctx.rounding` the state is
+    optax.chain(tx, rounding)'s pair and the stage runs apart, so telemetry can compare the update
+    with what the rounded weights kept (lost / recovered fractions). Same result as the chain.
+    """
+    grads = ctx.policy.cast_to_param(grads32)
+    if ctx.rounding is None:
+        updates, new_opt = ctx.tx.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+    else:
+        updates, inner = ctx.tx.update(grads, opt_state[0], params)
+        deltas, last = ctx.rounding.update(updates, opt_state[1], params)  # w' - w: apply_updates lands on w'
+        new_params, new_opt = optax.apply_updates(params, deltas), (inner, last)
     new_opt = jax.tree.map(lambda n, o: n.astype(o.dtype), new_opt, opt_state)
-    return updates, optax.apply_updates(params, updates), new_opt
+    return updates, new_params, new_opt
 
 
 def fp8_summary(meta) -> dict:
@@ -263,13 +279,17 @@ def guarded_tree(grads, params, opt_state, fp8_meta, loss_scale) -> dict:
             "loss_scale": loss_scale}
 
 
-def _telemetry(updates, new_params, params) -> dict:
-    """Update ratio and the fraction of nonzero updates rounded away, in fp32 whatever the param dtype."""
+def _telemetry(ctx: StepContext, updates, new_params, params, new_opt) -> dict:
+    """Update ratio and the fraction of nonzero updates rounded away, in fp32 whatever the param dtype;
+    with a rounding stage, the fraction it kept that rounding to nearest would have dropped; with
+    low-precision moments, the fraction of Adam's second moment that underflowed to 0."""
     ratio = optax.tree.norm(_to_f32(updates)) / jnp.maximum(optax.tree.norm(_to_f32(params)), 1e-12)
-    changed = jax.tree.map(lambda u: u != 0, updates)
-    lost = jax.tree.map(lambda n, o, c: jnp.sum((n == o) & c), new_params, params, changed)
-    n_changed = sum(jnp.sum(c) for c in jax.tree.leaves(changed))
-    return {"update_ratio": ratio, "lost_update_frac": sum(jax.tree.leaves(lost)) / jnp.maximum(n_changed, 1)}
+    out = {"update_ratio": ratio, "lost_update_frac": lost_update_frac(params, updates, new_params)}
+    if ctx.rounding is not None:
+        out["recovered_update_frac"] = recovered_update_frac(params, updates, new_params)
+    if (nu_underflow := nu_underflow_of(new_opt)) is not None:
+        out["nu_underflow_frac"] = nu_underflow
+    return out
 
 
 def train_step(state: TrainState, batch, frozen=None, *, ctx: StepContext):
@@ -325,7 +345,7 @@ def train_step(state: TrainState, batch, frozen=None, *, ctx: StepContext):
     if ctx.guard:  # which tensors were non-finite, named on the host from guarded_tree's structure
         metrics["nonfinite_leaves"] = jnp.stack(jax.tree.leaves(nonfinite_leaf_mask(candidate)))
     if ctx.telemetry:
-        metrics.update(_telemetry(updates, new_params, state.params))
+        metrics.update(_telemetry(ctx, updates, new_params, state.params, new_opt))
     if FP8_STATS in sown:
         metrics["fp8_stats"] = sown[FP8_STATS]
     if quant_stats:

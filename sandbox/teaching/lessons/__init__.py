@@ -41,6 +41,7 @@ CONFIGS = resources.files(__name__) / "configs"  # the lessons' run configs (pac
 LESSON_MODULES = (
     "fp16_underflow",
     "bf16_master_weights",
+    "bf16_remedies",
     "naive_softmax",
     "fp8_delayed_scaling",
     "kl_direction",
