@@ -27,6 +27,9 @@ Wortsman et al. 2023 (the step's telemetry logs them, see train/step.py):
 
   attention_logit_growth   the largest attention score (over blocks) grew
                            LOGIT_GROWTH_FACTOR-fold to at least ATTN_LOGIT_LARGE
+                           within the recorded window (a bundle keeps the last
+                           forensics.history rows: a healthy run's logits are
+                           steady over that many steps)
   output_logit_divergence  the largest |log Z| of the output logits drifted
                            LOG_Z_DRIFT nats from where the history starts
 """
@@ -45,7 +48,7 @@ MIN_HISTORY = 3  # fewer points than this say nothing
 RISING_WINDOW = 5  # this many strictly rising losses in a row ...
 RISING_FACTOR = 1.5  # ... ending at least this many times the first of them
 LOGIT_GROWTH_FACTOR = 3.0  # attention logits this many times their first recorded max ...
-ATTN_LOGIT_LARGE = 10.0  # ... and at least this large (exp overflows fp16 past 11.1; softmax saturates)
+ATTN_LOGIT_LARGE = 5.0  # ... and at least this large: e^5 ~ 150:1 odds already (exp overflows fp16 past 11.1)
 LOG_Z_DRIFT = 5.0  # nats of drift of max |log Z| that count as output-logit divergence
 
 
