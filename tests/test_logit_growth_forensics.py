@@ -47,6 +47,6 @@ def test_replay_of_an_fp16_softmax_overflow_says_the_attention_logits_had_been_g
     assert report.reproduced and "softmax" in report.origin.name_stack
     assert [k for k, _ in report.growth] == ["attention_logit_growth"]
     keys = [r.key for r in report.remedies]
-    assert "precision.naive_softmax" in keys and "model.qk_norm" in keys
+    assert "model.qk_norm" in keys and "model.attn_softcap" in keys
     assert "history (attention_logit_growth)" in format_report(report)
     assert load_run_config(result.run_dir).model.qk_norm == "false"

@@ -24,6 +24,10 @@ Definitions:
 * divergence step of a cell: its failed step when it stopped on a non-finite value; otherwise the
   first step at which the train loss, averaged over the last SMOOTH steps, is DIVERGE_RISE nats
   above the lowest such average so far (a sustained rise, not a spike); '-' when neither happens.
+* attention blow-up step of a cell: the first step whose largest attention logit (over blocks) is
+  at least ATTN_BLOWUP: past it every attention row is one-hot (e^100 : 1), whatever the loss does.
+  Small models at high lr often stall on a plateau instead of diverging; this names the step at
+  which the attention instability happened.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ PANEL_KEYS = ("precision.policy", "model.d_model", "model.n_layer", "model.n_hea
               "training.steps", "training.batch_size")
 SMOOTH = 10  # steps in the moving average of the divergence rule
 DIVERGE_RISE = 1.0  # nats above the lowest moving average that count as diverging
+ATTN_BLOWUP = 100.0  # attention logit that marks the attention blow-up step
 FIGURES = ("lr_sweep", "attn_logit_growth")
 FORMATS = ("png", "svg")
 
@@ -97,6 +102,12 @@ def attn_logit_curve(rows: list[dict]) -> tuple[list[int], list[float]]:
     return steps, vals
 
 
+def blowup_step(rows: list[dict]) -> int | None:
+    """First step whose largest attention logit is >= ATTN_BLOWUP, or None."""
+    steps, vals = attn_logit_curve(rows)
+    return next((s for s, v in zip(steps, vals) if v >= ATTN_BLOWUP), None)
+
+
 def cell_points(exp) -> list[dict]:
     """One dict per cell: panel, line, lr, seed, status, final val CE, divergence step, logit maxima, l0."""
     varied = list(dict.fromkeys(k for c in exp.cells for k in c.settings if k not in (LR_KEY, "seed")))
@@ -113,7 +124,7 @@ def cell_points(exp) -> list[dict]:
         out.append({"cell": c.name, "panel": _label(c.settings, panels), "line": _label(c.settings, lines),
                     "lr": float(c.settings[LR_KEY]), "seed": c.seed, "status": c.status,
                     "final_val_ce": _num(c.summary.get("val_ce")) if c.status == "finished" else None,
-                    "divergence_step": div, "initial_loss": first,
+                    "divergence_step": div, "attn_blowup_step": blowup_step(rows), "initial_loss": first,
                     "max_attn_logit": _largest(rows, "attention/", "/logit_max"),
                     "max_abs_log_z": _largest(rows, "output/", "log_z_absmax"),
                     "_rows": rows})
@@ -143,6 +154,8 @@ def sensitivity(points: list[dict]) -> tuple[list[dict], float | None]:
                all(math.isfinite(v) for v in finals.values()) else None,
                "diverged": {lr: [p["divergence_step"] for p in by_lr[lr] if p["divergence_step"] is not None]
                             for lr in lrs},
+               "blowup": {lr: [p["attn_blowup_step"] for p in by_lr[lr] if p["attn_blowup_step"] is not None]
+                          for lr in lrs},
                "max_attn_logit": {lr: max((p["max_attn_logit"] for p in by_lr[lr] if p["max_attn_logit"] is not None),
                                           default=None) for lr in lrs}}
         out.append(row)
@@ -156,13 +169,15 @@ def _fmt(v, spec: str = ".3f") -> str:
 def markdown(exp, lines: list[dict], l0: float | None) -> str:
     lrs = sorted({lr for r in lines for lr in r["lrs"]})
     head = ["panel", "line"] + [f"lr {lr:g}" for lr in lrs] + ["best lr", "LR sensitivity", "diverged at (lr: step)",
+                                                                 f"attn logit >= {ATTN_BLOWUP:g} at (lr: step)",
                                                                  "max attn logit (top lr)"]
     out = [f"# LR sensitivity: `{exp.name}`", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in lines:
-        div = ", ".join(f"{lr:g}: {'/'.join(map(str, s))}" for lr, s in r["diverged"].items() if s) or "-"
+        div, blow = (", ".join(f"{lr:g}: {'/'.join(map(str, s))}" for lr, s in r[key].items() if s) or "-"
+                     for key in ("diverged", "blowup"))
         top = r["max_attn_logit"].get(max(r["lrs"]))
         out.append("| " + " | ".join([r["panel"], r["line"]] + [_fmt(r["final"].get(lr)) for lr in lrs]
-                                      + [_fmt(r["best_lr"], "g"), _fmt(r["lr_sensitivity"]), div,
+                                      + [_fmt(r["best_lr"], "g"), _fmt(r["lr_sensitivity"]), div, blow,
                                          _fmt(top, ".4g")]) + " |")
     out += ["", "Legend:",
             f"- lr columns: final validation CE (nats/token), mean over finished seeds; a non-finite run or a "
@@ -171,12 +186,15 @@ def markdown(exp, lines: list[dict], l0: float | None) -> str:
             "robust to the learning rate (Wortsman et al. 2023).",
             f"- diverged at: the step a run stopped on a non-finite value, or where its {SMOOTH}-step mean "
             f"train loss rose {DIVERGE_RISE:g} nat above its lowest.",
+            f"- attn logit >= {ATTN_BLOWUP:g} at: the first step whose largest attention logit (over blocks) "
+            f"reached {ATTN_BLOWUP:g} (one-hot attention rows).",
             "- max attn logit: the largest attention score logged in any block, at the sweep's highest lr."]
     return "\n".join(out) + "\n"
 
 
 def write_csv(points: list[dict], path) -> None:
-    keys = ["cell", "panel", "line", "lr", "seed", "status", "final_val_ce", "divergence_step", "initial_loss",
+    keys = ["cell", "panel", "line", "lr", "seed", "status", "final_val_ce", "divergence_step", "attn_blowup_step",
+            "initial_loss",
             "max_attn_logit", "max_abs_log_z"]
     text = io.StringIO(newline="")
     w = csv.DictWriter(text, fieldnames=keys, extrasaction="ignore")
@@ -190,23 +208,36 @@ def _panels(points: list[dict]) -> list[str]:
     return list(dict.fromkeys(p["panel"] for p in points))
 
 
+def _figure_legend(fig, axes) -> None:
+    """One legend for all panels, each label once, outside the data on the right."""
+    seen = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            seen.setdefault(label, handle)
+    if seen:
+        fig.legend(list(seen.values()), list(seen), fontsize=7, loc="outside right upper")
+
+
 def plot_sweep(exp, lines: list[dict], l0: float | None):
     panels = list(dict.fromkeys(r["panel"] for r in lines))
     fig, axes = new_figure(1, len(panels), (4.2 * len(panels), 3.8), sharey=True)
     for ax, panel in zip(axes[0], panels):
+        drawn = False
         for r in (r for r in lines if r["panel"] == panel):
             xs = sorted(r["final"])
+            drawn = drawn or bool(xs)
             (line,) = ax.plot(xs, [r["final"][x] for x in xs], marker="o", ms=4, label=r["line"])
             bad = [x for x in xs if r["diverged"].get(x)]
             ax.plot(bad, [r["final"][x] for x in bad], "x", ms=9, color=line.get_color())
         if l0 is not None:
             ax.axhline(l0, color="grey", ls=":", lw=1, label="loss at init")
-        ax.set_xscale("log")
+        if drawn:  # a panel with no finished cell yet (a partial experiment) stays linear
+            ax.set_xscale("log")
         ax.set_xlabel("peak learning rate")
         ax.set_title(panel, fontsize=9)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("final validation CE (nats/token)")
-    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    _figure_legend(fig, axes[0])
     fig.suptitle(f"{exp.name}: final loss vs learning rate (x: diverged)", fontsize=10)
     return fig
 
@@ -214,7 +245,7 @@ def plot_sweep(exp, lines: list[dict], l0: float | None):
 def plot_logit_growth(exp, points: list[dict]):
     top = sorted({p["lr"] for p in points})[-2:]
     panels = _panels(points)
-    fig, axes = new_figure(1, len(panels), (4.2 * len(panels), 3.8), sharey=True)
+    fig, axes = new_figure(1, len(panels), (4.2 * len(panels), 3.8))  # not sharey: empty panels stay linear
     styles = {lr: ls for lr, ls in zip(top, (":", "-"))}
     for ax, panel in zip(axes[0], panels):
         for i, line in enumerate(dict.fromkeys(p["line"] for p in points if p["panel"] == panel)):
@@ -223,12 +254,13 @@ def plot_logit_growth(exp, points: list[dict]):
                 if steps:
                     ax.plot(steps, np.maximum(np.abs(vals), 1e-2), ls=styles[p["lr"]], color=f"C{i}",
                             label=f"{line} lr={p['lr']:g}" if p["seed"] == points[0]["seed"] else None)
-        ax.set_yscale("log")
+        if ax.lines:  # a panel with no logged attention logits yet (a partial experiment) stays linear
+            ax.set_yscale("log")
         ax.set_xlabel("step")
         ax.set_title(panel, fontsize=9)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("max attention logit over blocks (|.|)")
-    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    _figure_legend(fig, axes[0])
     fig.suptitle(f"{exp.name}: attention-logit growth at the two highest lrs", fontsize=10)
     return fig
 

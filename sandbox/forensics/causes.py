@@ -237,12 +237,14 @@ def logit_growth(history: Sequence[dict]) -> list[tuple[str, str]]:
     """
     out = []
     attn = _series(history, "attention/", "/logit_max")
-    if len(attn) >= MIN_HISTORY and attn[-1] >= ATTN_LOGIT_LARGE \
-            and attn[-1] >= LOGIT_GROWTH_FACTOR * max(abs(attn[0]), 1e-6):
-        out.append(("attention_logit_growth",
-                    f"The largest attention logit grew from {attn[0]:.4g} to {attn[-1]:.4g} over the last "
-                    f"{len(attn)} recorded steps: attention-logit growth (the softmax saturates to one-hot, "
-                    f"then overflows in a narrow format)."))
+    if len(attn) >= MIN_HISTORY:
+        # noisy step to step: the lowest of the first few against the highest of the last few
+        early, late = min(attn[:MIN_HISTORY]), max(attn[-RISING_WINDOW:])
+        if late >= ATTN_LOGIT_LARGE and late >= LOGIT_GROWTH_FACTOR * max(abs(early), 1e-6):
+            out.append(("attention_logit_growth",
+                        f"The largest attention logit grew from {early:.4g} to {late:.4g} over the last "
+                        f"{len(attn)} recorded steps: attention-logit growth (the softmax saturates to "
+                        f"one-hot, then overflows in a narrow format)."))
     log_z = _series(history, "output/", "log_z_absmax")
     if len(log_z) >= MIN_HISTORY and log_z[-1] - log_z[0] >= LOG_Z_DRIFT:
         out.append(("output_logit_divergence",

@@ -236,7 +236,8 @@ def replay(bundle: Bundle) -> ReplayReport:
         sensitive = _scale_sensitive(ctx, host_state, batch, step, frozen, backward)
         backward = _with_remedies(backward, suggest(dataclasses.replace(facts, scale_sensitive=sensitive),
                                                     backward.cause, backward, phase))
-    growth = logit_growth(history)
+    # the failed step's own row counts here: its telemetry measured the forward that failed
+    growth = logit_growth([r for r in bundle.meta.get("history", []) if r.get("step", 0) <= step + 1])
     extra = growth_remedies(bundle.cfg, [kind for kind, _ in growth])
     remedies = list(remedies) + [r for r in extra if all(r.key != o.key for o in remedies)]
     if remedies:

@@ -42,11 +42,11 @@ LESSON_MODULES = (
     "fp16_underflow",
     "bf16_master_weights",
     "naive_softmax",
-    "attention_logit_growth",
     "fp8_delayed_scaling",
     "kl_direction",
     "sampling_entropy",
     "tokenizer_perplexity",
+    "attention_logit_growth",
 )
 
 
