@@ -45,6 +45,11 @@ class ModelConfig:
     positions: str = F("learned", "position encoding", choices=("learned", "rotary"))
     dropout: float = F(0.0, "dropout rate on residual branches", min=0.0, max=0.9)
     init_std: float = F(0.02, "std of the normal weight initialiser", min=0.0)
+    qk_norm: str = F("false", "normalise q and k per head (fp32 statistics) before the scores: "
+                              "qk-layernorm (Wortsman et al. 2023) stops attention-logit growth",
+                     choices=("false", "layernorm", "rmsnorm"))
+    attn_softcap: float = F(0.0, "cap attention scores as cap*tanh(s/cap) in fp32 (Gemma 2; 0 = off)", min=0.0)
+    logit_softcap: float = F(0.0, "cap output logits as cap*tanh(z/cap) in fp32 (Gemma 2; 0 = off)", min=0.0)
 
 
 @dataclass(frozen=True)
@@ -84,6 +89,8 @@ class OptimizerConfig:
     warmup_steps: int = F(100, "linear warmup steps", min=0)
     decay_steps: int = F(0, "cosine decay length in steps (0 = training.steps)", min=0)
     weight_decay: float = F(0.1, "decoupled AdamW weight decay (matrices only)", min=0.0)
+    independent_weight_decay: bool = F(False, "decay by weight_decay * lr(t)/lr, not weight_decay * lr(t): "
+                                              "the decay no longer grows with the peak lr (Wortsman et al. 2023)")
     b1: float = F(0.9, "Adam beta1", min=0.0, max=1.0)
     b2: float = F(0.99, "Adam beta2", min=0.0, max=1.0)
     eps: float = F(1e-8, "Adam epsilon", min=0.0)
@@ -180,6 +187,8 @@ class KLConfig:
 @dataclass(frozen=True)
 class ObjectiveConfig:
     label_smoothing: float = F(0.0, "label smoothing of the cross-entropy", min=0.0, max=1.0)
+    z_loss: float = F(0.0, "coefficient of the z-loss z_loss * mean(log Z)^2, log Z the fp32 logsumexp of the "
+                           "logits (PaLM uses 1e-4; 0 = off): keeps log Z near 0", min=0.0)
     kl: KLConfig = F(KLConfig(), "KL-to-reference term")
     drift_every: int = F(0, "every N steps measure KL(policy forward || fp32 forward) (0 = at eval)", min=0)
 
@@ -304,8 +313,12 @@ def _build(cls, raw: dict, prefix: str = ""):
         path = f"{prefix}.{name}" if prefix else name
         if name in raw:
             value = raw[name]
-            if isinstance(value, bool) and SWITCH == (f.metadata.get("choices") or ()):
-                value = "on" if value else "off"  # YAML 1.1 reads on/off (and yes/no, true/false) as booleans
+            choices = f.metadata.get("choices") or ()
+            if hints[name] is str and isinstance(value, bool):
+                if SWITCH == choices:  # YAML 1.1 reads on/off (and yes/no, true/false) as booleans
+                    value = "on" if value else "off"
+                elif str(value).lower() in choices:  # `model.qk_norm: false` is YAML's boolean, meant as the choice
+                    value = str(value).lower()
             value = _coerce(value, hints[name], path)
             _check_range(value, f.metadata, path)
             kwargs[name] = value

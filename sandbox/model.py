@@ -10,6 +10,16 @@ teaching ablation (exp/sum in the compute dtype, no max subtraction, scores
 kept narrow) that fails on purpose. It receives parameters already cast to the compute dtype by the
 trainer. Shapes use suffixes: B batch, T time, D model width, H heads,
 K head width, F MLP width, V vocabulary.
+
+Logit-growth options (Wortsman et al. 2023, Gemma 2), all off by default so
+the default forward is unchanged: `qk_norm` normalises q and k per head over
+K (LayerNorm or RMSNorm, statistics in fp32) before rotary and the 1/sqrt(K)
+scale, so a score is bounded by sqrt(K) times the norms' learned scales and
+cannot grow with the weights; `attn_softcap` / `logit_softcap` map scores /
+output logits through cap*tanh(x/cap) in fp32. With the `attn` collection
+mutable (the step's telemetry steps) each block sows its attention
+statistics: the largest raw (pre-cap) score over causal positions and the
+entropy of each head's attention rows, from log-probabilities.
 """
 
 from __future__ import annotations
@@ -23,6 +33,27 @@ from sandbox.config import ModelConfig
 from sandbox.precision.policy import Policy
 
 STATS = "stats"  # collection of per-block activation statistics (forensics)
+ATTN = "attn"  # collection of per-block attention statistics (logit-growth telemetry)
+
+
+def softcap(x: jax.Array, cap: float) -> jax.Array:
+    """cap * tanh(x / cap) in fp32, back in x's dtype: |result| < cap, ~x for |x| << cap (0 = off)."""
+    if not cap:
+        return x
+    x32 = x.astype(jnp.float32)
+    return (cap * jnp.tanh(x32 / cap)).astype(x.dtype)
+
+
+def attention_stats(scores_BHTT: jax.Array, causal_TT: jax.Array) -> dict:
+    """Largest causal score, and the mean and min over heads of each head's mean row entropy (nats).
+
+    fp32; probabilities only from log_softmax (max subtracted), masked entries contribute 0.
+    """
+    s = jnp.where(causal_TT, scores_BHTT.astype(jnp.float32), -jnp.inf)
+    logp = jax.nn.log_softmax(s, axis=-1)
+    ent_BHT = -jnp.sum(jnp.where(causal_TT, jnp.exp(logp) * logp, 0.0), axis=-1)
+    ent_H = jnp.mean(ent_BHT, axis=(0, 2))
+    return {"logit_max": jnp.max(s), "entropy_mean": jnp.mean(ent_H), "entropy_min": jnp.min(ent_H)}
 
 
 def rotary(x_BTHK: jax.Array) -> jax.Array:
@@ -54,6 +85,15 @@ class Block(nn.Module):
         # Flax computes LayerNorm statistics in fp32 whatever the dtype.
         return nn.LayerNorm(name=name, dtype=self.policy.compute_dtype, param_dtype=self.policy.param_dtype)
 
+    def qk_normed(self, x_BTHK, name: str):
+        """model.qk_norm over the head width K, in fp32 (one scale vector of K shared by the heads)."""
+        kind = self.cfg.qk_norm
+        if kind == "false":
+            return x_BTHK
+        cls = nn.LayerNorm if kind == "layernorm" else nn.RMSNorm
+        y = cls(name=name, dtype=jnp.float32, param_dtype=self.policy.param_dtype)(x_BTHK.astype(jnp.float32))
+        return y.astype(x_BTHK.dtype)
+
     @nn.compact
     def __call__(self, x_BTD, deterministic: bool):
         c, p = self.cfg, self.policy
@@ -64,6 +104,7 @@ class Block(nn.Module):
         with jax.named_scope("attention"):
             qkv = self.dense(3 * d, "qkv")(self.norm("ln_1")(x_BTD))
             q_BTHK, k_BTHK, v_BTHK = jnp.split(qkv.reshape(b, t, 3 * h, k), 3, axis=2)
+            q_BTHK, k_BTHK = self.qk_normed(q_BTHK, "q_norm"), self.qk_normed(k_BTHK, "k_norm")
             if c.positions == "rotary":
                 q_BTHK, k_BTHK = rotary(q_BTHK), rotary(k_BTHK)
             q_BTHK = q_BTHK * jnp.asarray(k**-0.5, q_BTHK.dtype)
@@ -73,6 +114,9 @@ class Block(nn.Module):
             scores_BHTT = jnp.einsum("bthk,bshk->bhts", q_BTHK, k_BTHK, precision=p.precision,
                                      preferred_element_type=scores_dtype)
             causal_TT = jnp.tril(jnp.ones((t, t), bool))
+            if self.is_mutable_collection(ATTN):
+                self.sow(ATTN, "stats", attention_stats(scores_BHTT, causal_TT))
+            scores_BHTT = softcap(scores_BHTT, c.attn_softcap)
             probs_BHTT = p.attention_softmax(scores_BHTT, causal_TT, naive=self.naive_softmax)
             y_BTHK = jnp.einsum("bhts,bshk->bthk", probs_BHTT, v_BTHK, precision=p.precision)
             x_BTD = x_BTD + drop(self.dense(d, "proj")(y_BTHK.reshape(b, t, d)))
@@ -119,7 +163,7 @@ class GPT(nn.Module):
             else:
                 logits_BTV = dot_cls(name="head_dot")(x_BTD, w_VD, dims,
                                                       preferred_element_type=p.output_dtype)
-        return p.cast_to_output(logits_BTV)
+        return softcap(p.cast_to_output(logits_BTV), c.logit_softcap)
 
 
 def count_params(params) -> int:

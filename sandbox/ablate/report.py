@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sandbox.ablate import lr_sensitivity
 from sandbox.ablate.hparams import write_hparams
 from sandbox.ablate.plots import write_plots
 from sandbox.ablate.runner import cell_status, read_summary
@@ -341,4 +342,9 @@ def write_report(exp_dir: str | Path) -> dict:
     plots = write_plots(exp, rows, exp.dir / "plots")
     keys = {column: key for column, key, _ in MEAN_COLUMNS}
     hparams = write_hparams(exp, lambda cell, column: _cell_value(cell, column, keys[column], target))
-    return {"table": table, "csv": csv_path, "plots": plots, "hparams": hparams}
+    out = {"table": table, "csv": csv_path, "plots": plots, "hparams": hparams}
+    if lr_sensitivity.is_sweep(exp):  # an optimizer.lr axis: final loss vs lr, LR sensitivity per line
+        sweep = lr_sensitivity.write(exp)
+        out.update(lr_table=sweep["table"], lr_csv=sweep["csv"])
+        out["plots"] = plots + sweep["plots"]
+    return out

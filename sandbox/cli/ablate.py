@@ -29,6 +29,8 @@ def register(subparsers) -> None:
 def _print_written(paths: dict) -> None:
     print(f"table: {paths['table']}")
     print(f"csv:   {paths['csv']}")
+    if "lr_table" in paths:
+        print(f"lr sensitivity: {paths['lr_table']} ({paths['lr_csv'].name})")
     for p in paths["plots"]:
         print(f"plot:  {p}")
 

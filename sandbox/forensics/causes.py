@@ -21,6 +21,17 @@ Cause classes (stable strings, used in bundles and JSON reports):
   nonfinite_constant    a constant captured by the function is non-finite
   exploding_update  (from `classify_divergence`) the gradient norm or the
                     loss grew before anything became non-finite
+
+`logit_growth` reads the same recorded history for the two instabilities of
+Wortsman et al. 2023 (the step's telemetry logs them, see train/step.py):
+
+  attention_logit_growth   the largest attention score (over blocks) grew
+                           LOGIT_GROWTH_FACTOR-fold to at least ATTN_LOGIT_LARGE
+                           within the recorded window (a bundle keeps the last
+                           forensics.history rows: a healthy run's logits are
+                           steady over that many steps)
+  output_logit_divergence  the largest |log Z| of the output logits drifted
+                           LOG_Z_DRIFT nats from where the history starts
 """
 
 from __future__ import annotations
@@ -36,6 +47,9 @@ GRAD_NORM_JUMP = 10.0  # last grad norm / median of the earlier ones that counts
 MIN_HISTORY = 3  # fewer points than this say nothing
 RISING_WINDOW = 5  # this many strictly rising losses in a row ...
 RISING_FACTOR = 1.5  # ... ending at least this many times the first of them
+LOGIT_GROWTH_FACTOR = 3.0  # attention logits this many times their first recorded max ...
+ATTN_LOGIT_LARGE = 5.0  # ... and at least this large: e^5 ~ 150:1 odds already (exp overflows fp16 past 11.1)
+LOG_Z_DRIFT = 5.0  # nats of drift of max |log Z| that count as output-logit divergence
 
 
 
@@ -202,3 +216,38 @@ def classify_divergence(grad_norm_history: Sequence[float],
                 f"{losses[-1]:.4g}: training was diverging.",
                 remedy)
     return None
+
+
+def _series(history: Sequence[dict], prefix: str, suffix: str) -> list[float]:
+    """Per recorded row, the max over keys prefix*suffix (finite values only); rows without one are skipped."""
+    out = []
+    for r in history:
+        vals = [float(v) for k, v in r.items() if k.startswith(prefix) and k.endswith(suffix)
+                and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
+        if vals:
+            out.append(max(vals))
+    return out
+
+
+def logit_growth(history: Sequence[dict]) -> list[tuple[str, str]]:
+    """[(kind, explanation)] for attention-logit growth and output log Z drift seen in the rows.
+
+    `history`: metric rows as logged (flat keys like 'attention/block_0/logit_max',
+    'output/log_z_absmax'); empty when the run logged no such telemetry.
+    """
+    out = []
+    attn = _series(history, "attention/", "/logit_max")
+    if len(attn) >= MIN_HISTORY:
+        # noisy step to step: the lowest of the first few against the highest of the last few
+        early, late = min(attn[:MIN_HISTORY]), max(attn[-RISING_WINDOW:])
+        if late >= ATTN_LOGIT_LARGE and late >= LOGIT_GROWTH_FACTOR * max(abs(early), 1e-6):
+            out.append(("attention_logit_growth",
+                        f"The largest attention logit grew from {early:.4g} to {late:.4g} over the last "
+                        f"{len(attn)} recorded steps: attention-logit growth (the softmax saturates to "
+                        f"one-hot, then overflows in a narrow format)."))
+    log_z = _series(history, "output/", "log_z_absmax")
+    if len(log_z) >= MIN_HISTORY and log_z[-1] - log_z[0] >= LOG_Z_DRIFT:
+        out.append(("output_logit_divergence",
+                    f"The largest |log Z| of the output logits drifted from {log_z[0]:.4g} to {log_z[-1]:.4g} "
+                    f"nats over the last {len(log_z)} recorded steps: output-logit divergence."))
+    return out

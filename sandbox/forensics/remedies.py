@@ -34,6 +34,11 @@ The rules, in order (a remedy already given is not repeated):
                       clip if clipping is off
   anything else       -> lower optimizer.lr / clip (the last resort: an earlier update
                       made the values that failed)
+
+`growth_remedies` adds the fixes of Wortsman et al. 2023 / Gemma 2 when the recorded
+history shows logit growth (`causes.logit_growth`): attention logits growing ->
+model.qk_norm layernorm, then model.attn_softcap; output log Z drifting ->
+objective.z_loss 1e-4, then model.logit_softcap. A knob already on is not suggested.
 """
 
 from __future__ import annotations
@@ -55,6 +60,9 @@ SCALE_PROBE_FACTOR = 2.0**8  # replay re-runs a backward fp16 overflow at scale 
 INIT_STD_FACTOR = 10.0  # suggested init_std = init_std / this
 SUGGESTED_CLIP = 1.0  # global-norm clip suggested when clipping is off
 SUGGESTED_WARMUP = 100  # warmup steps suggested when there is none
+SUGGESTED_Z_LOSS = 1e-4  # PaLM's z-loss coefficient
+SUGGESTED_ATTN_SOFTCAP = 50.0  # Gemma 2's attention-score cap
+SUGGESTED_LOGIT_SOFTCAP = 30.0  # Gemma 2's final-logit cap
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,3 +197,25 @@ def _warmup(facts) -> list[Remedy]:
         return []
     steps = min(SUGGESTED_WARMUP, max(1, facts.cfg.training.steps // 10))
     return [Remedy("optimizer.warmup_steps", 0, steps, "no warmup: the first updates run at the full lr")]
+
+
+def growth_remedies(cfg: config_lib.Config, kinds) -> list[Remedy]:
+    """Remedies for the logit-growth findings `kinds` ('attention_logit_growth', 'output_logit_divergence')."""
+    m, out = cfg.model, []
+    if "attention_logit_growth" in kinds:
+        if m.qk_norm == "false":
+            out.append(Remedy("model.qk_norm", "false", "layernorm",
+                              "attention logits were growing: normalised q and k bound every score by "
+                              "sqrt(head width) times the norms' scales (qk-layernorm)"))
+        if not m.attn_softcap:
+            out.append(Remedy("model.attn_softcap", 0.0, SUGGESTED_ATTN_SOFTCAP,
+                              "or cap the scores smoothly: cap*tanh(s/cap) keeps them below the cap"))
+    if "output_logit_divergence" in kinds:
+        if not cfg.objective.z_loss:
+            out.append(Remedy("objective.z_loss", 0.0, SUGGESTED_Z_LOSS,
+                              "log Z of the output logits was drifting: z-loss penalises (log Z)^2 and "
+                              "holds it near 0"))
+        if not m.logit_softcap:
+            out.append(Remedy("model.logit_softcap", 0.0, SUGGESTED_LOGIT_SOFTCAP,
+                              "or cap the output logits: cap*tanh(z/cap)"))
+    return out

@@ -30,6 +30,10 @@ Design
    and scale, lr, clipping, the step, the tensor that overflowed). For an
    fp16 overflow in the backward pass, the localizer runs once more at a
    256x smaller loss scale: if the overflow goes away the scale made it.
+6. Logit growth. The same history is read for attention-logit growth and
+   output log Z drift (`causes.logit_growth`, from the step's telemetry);
+   each finding is reported and its fix (qk_norm / attn_softcap, z_loss /
+   logit_softcap) is added to the remedies (`remedies.growth_remedies`).
 
 Step numbering: a step is named by `state.step` after it, 1-based, as
 metrics.jsonl, the progress bar and summary.json's `failed_step` name it
@@ -55,9 +59,10 @@ import numpy as np
 from sandbox import config as config_lib
 from sandbox.errors import UserError
 from sandbox.forensics.bundle import Bundle, leaf_key
-from sandbox.forensics.causes import classify_divergence
+from sandbox.forensics.causes import classify_divergence, logit_growth
 from sandbox.forensics.localize import Localization, Origin, format_origin, localize
-from sandbox.forensics.remedies import RANGE_CAUSES, SCALE_PROBE_FACTOR, Remedy, RunFacts, suggest
+from sandbox.forensics.remedies import (RANGE_CAUSES, SCALE_PROBE_FACTOR, Remedy, RunFacts, growth_remedies,
+                                        suggest)
 from sandbox.train import step as step_lib
 from sandbox.train.setup import build, initial_state
 
@@ -77,6 +82,7 @@ class ReplayReport:
     explanation: str
     remedy: str
     remedies: list[Remedy] = dataclasses.field(default_factory=list)
+    growth: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # causes.logit_growth findings
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -230,10 +236,15 @@ def replay(bundle: Bundle) -> ReplayReport:
         sensitive = _scale_sensitive(ctx, host_state, batch, step, frozen, backward)
         backward = _with_remedies(backward, suggest(dataclasses.replace(facts, scale_sensitive=sensitive),
                                                     backward.cause, backward, phase))
+    # the failed step's own row counts here: its telemetry measured the forward that failed
+    growth = logit_growth([r for r in bundle.meta.get("history", []) if r.get("step", 0) <= step + 1])
+    extra = growth_remedies(bundle.cfg, [kind for kind, _ in growth])
+    remedies = list(remedies) + [r for r in extra if all(r.key != o.key for o in remedies)]
     if remedies:
         fix = "; ".join(str(r) for r in remedies)
     return ReplayReport(str(bundle.path), step + 1, recorded.get("loss"), loss, reproduced, phase,
-                        _with_remedies(origin, remedies), backward, divergence, cause, why, fix, remedies)
+                        _with_remedies(origin, remedies), backward, divergence, cause, why, fix, remedies,
+                        growth)
 
 
 def diagnose(facts: RunFacts, phase: str, origin: Origin | None, history: list[dict]):
@@ -273,4 +284,6 @@ def format_report(r: ReplayReport) -> str:
                   format_origin(r.first_backward, "First backward overflow")]
     if r.divergence and r.divergence[0] != r.cause:
         lines += ["", f"also: {r.divergence[1]}"]
+    for kind, why in r.growth:
+        lines += ["", f"history ({kind}): {why}"]
     return "\n".join(lines)

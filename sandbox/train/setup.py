@@ -159,7 +159,7 @@ def step_context(cfg: config_lib.Config, p: Parts, kl=None) -> StepContext:
                        collect_stats=f.activations, max_skipped_steps=f.max_skipped_steps,
                        min_scale_overflows=f.min_scale_overflows, total_steps=cfg.training.steps,
                        telemetry=cfg.precision.telemetry, naive_log_softmax=cfg.precision.naive_log_softmax,
-                       kl=kl, twin=fp32_twin(cfg.model))
+                       z_loss=cfg.objective.z_loss, kl=kl, twin=fp32_twin(cfg.model))
 
 
 def build(cfg: config_lib.Config, with_data: bool = True) -> Run:

@@ -59,11 +59,17 @@ def make_optimizer(opt_cfg, total_steps: int, moments: str = "auto") -> optax.Gr
 
     `moments`: "auto" is optax.adamw (moments in the parameters' dtype); fp32 | bf16 | fp8 store
     them so and update them in fp32 (`lowp_optim.adamw_lowp`; resolved by `lowp_optim.resolve_moments`).
+    optax's AdamW decays by weight_decay * lr(t); with `independent_weight_decay` the coefficient is
+    divided by the peak lr, so the decay is weight_decay * lr(t)/lr and an lr sweep does not also sweep
+    the decay (Wortsman et al. 2023, sec. 3.2.2).
     """
     parts = [optax.clip_by_global_norm(opt_cfg.grad_clip)] if opt_cfg.grad_clip > 0 else []
+    wd = opt_cfg.weight_decay
+    if opt_cfg.independent_weight_decay and opt_cfg.lr > 0:
+        wd = wd / opt_cfg.lr
     adamw = optax.adamw if moments == "auto" else functools.partial(adamw_lowp, moments=moments)
     parts.append(adamw(make_schedule(opt_cfg, total_steps), b1=opt_cfg.b1, b2=opt_cfg.b2,
-                       eps=opt_cfg.eps, weight_decay=opt_cfg.weight_decay, mask=_decay_mask))
+                       eps=opt_cfg.eps, weight_decay=wd, mask=_decay_mask))
     return optax.chain(*parts)
 
 

@@ -34,6 +34,13 @@ after it (1-based, as metrics.jsonl rows do), so step index k is "step k+1".
 
 Everything returned in `metrics` is an array; the loop reads it to the host
 at log intervals.
+
+Logit-growth telemetry (telemetry steps only, no host sync): per block,
+`attention/block_i/{logit_max, entropy_mean, entropy_min}` sown by the model
+(`model.ATTN`), and of the output logits `output/{log_z_mean, log_z_absmax,
+logit_max}` (log Z = fp32 logsumexp per position). With accumulation, the
+attention figures are the max over microbatches and the output ones their
+mean.
 """
 
 from __future__ import annotations
@@ -45,7 +52,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sandbox.model import GPT, STATS
+from sandbox.model import ATTN, GPT, STATS
 from sandbox.objectives import kl_objective
 from sandbox.precision.fp8 import FP8_STATS, combine_observed, update_fp8_meta
 from sandbox.precision.loss_scale import LossScaler, all_finite, nonfinite_leaf_mask, select_tree
@@ -81,6 +88,7 @@ class StepContext:
     telemetry: bool = True  # underflow/overflow/lost-update/fp8 statistics (precision.telemetry[_every])
     guard: bool = True  # False only to measure the guard's cost (scripts/bench_step.py): updates always applied
     naive_log_softmax: bool = False  # teaching ablation: the loss takes log(softmax) (objectives.py)
+    z_loss: float = 0.0  # objective.z_loss coefficient (objectives.py)
     kl: Any = None  # reference.KLTerm when objective.kl is on; its weights come in as `frozen`
     twin: Any = None  # fp32 twin GPT for precision drift in eval_step (reference.fp32_twin)
     rounding: Any = None  # the policy's last optimizer stage (stochastic rounding, Kahan), run after `tx`
@@ -88,6 +96,7 @@ class StepContext:
     @property
     def mutable(self) -> list[str]:
         cols = [FP8_STATS] if self.policy.fp8 is not None and self.telemetry else []
+        cols += [ATTN] if self.telemetry else []
         return cols + ([STATS] if self.collect_stats else [])
 
     @property
@@ -146,6 +155,13 @@ def recipe_metrics(stats) -> tuple[dict, dict]:
     return scalars, hists
 
 
+def output_stats(logits_BTV) -> dict:
+    """log Z (fp32 logsumexp per position): its mean and largest magnitude; and the largest logit."""
+    x = jax.lax.stop_gradient(logits_BTV).astype(jnp.float32)
+    log_z_BT = jax.nn.logsumexp(x, axis=-1)
+    return {"log_z_mean": jnp.mean(log_z_BT), "log_z_absmax": jnp.max(jnp.abs(log_z_BT)), "logit_max": jnp.max(x)}
+
+
 def microbatch_grads(ctx: StepContext, params, fp8_meta, inputs_BT, targets_BT, scale, key,
                      ref_logits=None, beta=0.0):
     """Scaled grads (param dtype), observed fp8 amaxes, loss and auxiliary metrics of one microbatch.
@@ -163,13 +179,16 @@ def microbatch_grads(ctx: StepContext, params, fp8_meta, inputs_BT, targets_BT, 
 
     def objective(lg):  # ref_logits is a stop_gradient constant: only the model's logits get d/d
         return kl_objective(lg, targets_BT, ref_logits, beta=beta, direction=ctx.kl.direction if ctx.kl else "",
-                            label_smoothing=ctx.label_smoothing, naive_log_softmax=ctx.naive_log_softmax)
+                            label_smoothing=ctx.label_smoothing, naive_log_softmax=ctx.naive_log_softmax,
+                            z_loss=ctx.z_loss)
 
     (loss, parts), dlogits = jax.value_and_grad(objective, has_aux=True)(logits)
     dlogits_scaled = dlogits * scale.astype(dlogits.dtype)
     aux = dict(parts)
     if ctx.telemetry and jnp.dtype(policy.compute_dtype) != jnp.float32:
         aux.update(_boundary_stats(dlogits_scaled, policy.compute_dtype))
+    if ctx.telemetry:
+        aux["output"] = output_stats(logits)
     grads, observed, quant_stats = vjp_fn(dlogits_scaled)
     if quant_stats:
         aux["quant_stats"] = quant_stats
@@ -354,6 +373,8 @@ def train_step(state: TrainState, batch, frozen=None, *, ctx: StepContext):
         metrics["fp8"] = fp8_summary(new_meta)
     if STATS in sown:
         metrics["activations"] = sown[STATS]
+    if ATTN in sown:  # {"block_i": {"stats": {...}}} -> attention/block_i/<stat>
+        metrics["attention"] = {blk: v["stats"] for blk, v in sown[ATTN].items()}
     return new_state, metrics
 
 

@@ -47,6 +47,7 @@ LESSON_MODULES = (
     "kl_direction",
     "sampling_entropy",
     "tokenizer_perplexity",
+    "attention_logit_growth",
 )
 
 
