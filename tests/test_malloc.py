@@ -47,8 +47,13 @@ def _run(script: str, **env) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # environment-dependent: see the comment in the test
 @glibc_only
 def test_import_sandbox_stops_xla_temporaries_from_faulting_in_every_step():
+    # On a quiet machine untuned calls faulted ~16k pages against ~1k tuned. Under memory pressure
+    # (a loaded machine with proactive reclaim) glibc's own dynamic mmap threshold and the kernel's
+    # reclaim blur it: 2026-11-24 on the same machine, tuned 1093-1541 vs untuned 1028-3600 faults.
+    # So it is not in the default run; the whole-run effect is measured by scripts/bench_malloc.py.
     tuned, untuned = _run(_STEP_FAULTS), _run(_STEP_FAULTS, SANDBOX_MALLOC_TUNING="0")
     assert tuned["applied"] == {"M_MMAP_THRESHOLD": 32 << 20, "M_TRIM_THRESHOLD": 256 << 20, "M_TOP_PAD": 64 << 20}
     assert untuned["applied"] == {}

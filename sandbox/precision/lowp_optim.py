@@ -99,8 +99,9 @@ from sandbox.errors import UserError, shown
 from sandbox.precision.fp8 import compute_scale, dequantize, fp8_max, quantize
 
 SR_STREAM = 0x53520000  # "SR": fold-in constant separating SR bits from the dropout keys
-_LOW16 = jnp.uint32(0xFFFF)
-_HIGH16 = jnp.uint32(0xFFFF0000)
+# numpy scalars, not jnp: a jnp constant at import would start JAX's backend (docs/api.md)
+_LOW16 = np.uint32(0xFFFF)
+_HIGH16 = np.uint32(0xFFFF0000)
 
 
 # -- stochastic rounding -----------------------------------------------------
