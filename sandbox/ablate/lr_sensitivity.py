@@ -233,13 +233,8 @@ def plot_sweep(exp, lines: list[dict], l0: float | None):
             ax.axhline(l0, color="grey", ls=":", lw=1, label="loss at init")
         if drawn:  # a panel with no finished cell yet (a partial experiment) stays linear
             ax.set_xscale("log")
-        ax.set_xlabel("peak learning rate")
-        ax.set_title(panel, fontsize=9)
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("final validation CE (nats/token)")
-    _figure_legend(fig, axes[0])
-    fig.suptitle(f"{exp.name}: final loss vs learning rate (x: diverged)", fontsize=10)
-    return fig
+    return _finish(fig, axes, panels, "peak learning rate", "final validation CE (nats/token)",
+                   f"{exp.name}: final loss vs learning rate (x: diverged)")
 
 
 def plot_logit_growth(exp, points: list[dict]):
@@ -256,12 +251,19 @@ def plot_logit_growth(exp, points: list[dict]):
                             label=f"{line} lr={p['lr']:g}" if p["seed"] == points[0]["seed"] else None)
         if ax.lines:  # a panel with no logged attention logits yet (a partial experiment) stays linear
             ax.set_yscale("log")
-        ax.set_xlabel("step")
+    return _finish(fig, axes, panels, "step", "max attention logit over blocks (|.|)",
+                   f"{exp.name}: attention-logit growth at the two highest lrs")
+
+
+def _finish(fig, axes, panels, xlabel: str, ylabel: str, title: str):
+    """Labels, panel titles, grid, one figure legend and the title shared by both figures."""
+    for ax, panel in zip(axes[0], panels):
+        ax.set_xlabel(xlabel)
         ax.set_title(panel, fontsize=9)
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("max attention logit over blocks (|.|)")
+    axes[0][0].set_ylabel(ylabel)
     _figure_legend(fig, axes[0])
-    fig.suptitle(f"{exp.name}: attention-logit growth at the two highest lrs", fontsize=10)
+    fig.suptitle(title, fontsize=10)
     return fig
 
 
