@@ -31,3 +31,31 @@ def test_tensorboard_reads_the_run_event_files(tiny):
     assert steps == list(range(1, 11))  # 1-based, as metrics.jsonl
     val = acc.Scalars("loss/val_ce")
     assert [e.step for e in val] == [5, 10] and all(0 < e.value < 10 for e in val)
+
+
+def test_each_logged_row_is_one_tensorboard_event_with_the_jsonl_values(tiny):
+    # One event per row, not one per scalar: tensorboardX's add_scalar builds and queues an event per
+    # value (~0.2 ms each, some 30 per step), host time a 2-core machine takes from the step itself.
+    import glob
+    import math
+
+    from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+    from tensorboard.compat.proto.event_pb2 import Event
+
+    from sandbox.logger import read_metrics
+
+    cfg = tiny(overrides={"logging": {"tensorboard": True}, "training": {"steps": 6, "eval_every": 3}})
+    result = train(cfg, quiet=True)
+    (events_file,) = glob.glob(str(result.run_dir / "tb" / "events.out.tfevents.*"))
+    events = [e for e in map(Event.FromString, RawEventFileLoader(events_file).Load()) if e.HasField("summary")]
+    rows = [r for r in read_metrics(result.run_dir) if r["split"] in ("train", "val")]
+    assert len(events) == len(rows)
+    for event, row in zip(events, rows):
+        assert event.step == row["step"]
+        got = {v.tag: v.simple_value for v in event.summary.value}
+        want = {tb_tag(row["split"], k): v for k, v in row.items()
+                if k not in ("step", "split", "time") and tb_tag(row["split"], k) and isinstance(v, (int, float))}
+        assert got.keys() == want.keys()
+        bad = {t: (got[t], want[t]) for t in got if not (math.isclose(got[t], want[t], rel_tol=1e-6, abs_tol=1e-37)
+                                                       or math.isnan(got[t]) and math.isnan(want[t]))}
+        assert not bad

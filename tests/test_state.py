@@ -20,3 +20,36 @@ def test_initial_state_dtypes_by_kind(tiny, policy):
     assert bool(jax.tree.leaves(state.fp8_meta)) == (policy == "fp8")
     assert state.guard.loss_window.shape == (8,) and state.guard.loss_window.dtype == np.float32
     assert state.step.dtype == np.int32 and state.opt_step.dtype == np.int32
+
+
+@pytest.mark.parametrize("policy", ["fp32", "fp8", "nvfp4"])
+def test_initial_state_is_one_compile_and_bit_identical_to_op_by_op(tiny, policy):
+    # Op-by-op (eager) Flax init compiles every primitive on its own: ~90 compiles, 5-8 s of a cold
+    # run's start on a 2-core CPU. Under one jit it is one compile, and must give the same bits as
+    # op by op (the golden curves start from those): XLA's algebraic simplifier would reassociate
+    # the initializers' constant scalings (1-ulp differences), so the jit runs without it.
+    from jax import monitoring
+
+    from sandbox.train import state as state_lib
+
+    cfg = tiny(sets=[f"precision.policy={policy}", "seed=7"])
+    p = setup.parts(cfg)
+    args = (p.model, p.full_tx, p.scaler, cfg.seed, cfg.model.context, cfg.forensics.spike_window)
+    compiles = []
+
+    def listener(event, duration, **_):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(duration)
+
+    monitoring.register_event_duration_secs_listener(listener)
+    try:
+        got = state_lib.init_state(*args)
+    finally:
+        monitoring.unregister_event_duration_listener(listener)
+    assert len(compiles) <= 1
+    want = state_lib.init_state_op_by_op(*args)
+    got_leaves, want_leaves = jax.tree_util.tree_flatten_with_path(got)[0], jax.tree.leaves(want)
+    assert len(got_leaves) == len(want_leaves)
+    for (path, g), w in zip(got_leaves, want_leaves):
+        g, w = np.asarray(g), np.asarray(w)
+        assert g.dtype == w.dtype and np.array_equal(g, w, equal_nan=True), jax.tree_util.keystr(path)
