@@ -228,3 +228,22 @@ def test_lessons_without_training_write_titled_png_and_svg(tmp_path, name):
     assert result.plots
     for png in result.plots:
         assert png.suffix == ".png" and png.exists() and png.with_suffix(".svg").exists()
+
+
+def test_paired_comparison_over_shared_seeds_equals_scipys_paired_t_test(tmp_path):
+    # Same seed = same init and data order, so the seed-to-seed spread (0.03 here) cancels in the
+    # per-seed difference: Welch's test cannot see a 0.01 loss that the paired test finds.
+    val = {"fp32": [2.000, 2.030, 1.970], "bf16": [2.011, 2.039, 1.982, 2.5]}  # bf16 seed 3: no partner
+    exp = load_experiment(make_experiment(tmp_path, val, failed=None))
+    rows, _ = summarize(exp)
+    by = {r["variant"]: r for r in rows}
+    d = np.array([0.011, 0.009, 0.012])
+    assert by["bf16"]["paired_n"] == 3
+    assert by["bf16"]["paired_diff"] == pytest.approx(d.mean(), rel=1e-9)
+    assert by["bf16"]["paired_diff_std"] == pytest.approx(d.std(ddof=1), rel=1e-9)
+    want_p = stats.ttest_rel([2.011, 2.039, 1.982], [2.000, 2.030, 1.970]).pvalue
+    assert by["bf16"]["paired_p"] == pytest.approx(want_p, rel=1e-9) and want_p < 0.05
+    assert by["bf16"]["p_value"] > 0.05  # Welch's, on all finished seeds
+    assert by["fp32"]["paired_diff"] is None and by["fp32"]["paired_p"] is None
+    text = write_report(exp.dir)["table"].read_text()
+    assert "paired diff vs fp32" in text and f"+{d.mean():.2g}" in text

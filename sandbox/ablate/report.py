@@ -32,6 +32,7 @@ import csv
 import io
 import json
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -227,6 +228,28 @@ def welch(a: list[float], b: list[float]) -> float | None:
     return p if math.isfinite(p) else None
 
 
+def paired(variant: list[CellData], base: list[CellData]) -> dict:
+    """Final val CE of `variant` minus `base` over the seeds both finished: mean, std, n, paired t-test p.
+
+    Cells with the same seed share their initial weights and data order, so the seed-to-seed spread
+    cancels in the difference: with few seeds this sees effects that Welch's test over all seeds cannot.
+    """
+    a = {c.seed: v for c in variant if c.status == "finished" and (v := _num(c.summary.get("val_ce"))) is not None}
+    b = {c.seed: v for c in base if c.status == "finished" and (v := _num(c.summary.get("val_ce"))) is not None}
+    seeds = sorted(a.keys() & b.keys())
+    d = np.array([a[s] - b[s] for s in seeds])
+    out = {"paired_n": len(seeds), "paired_diff": float(d.mean()) if len(d) else None,
+           "paired_diff_std": float(d.std(ddof=1)) if len(d) > 1 else None, "paired_p": None}
+    if len(d) > 1:
+        from scipy import stats
+
+        with warnings.catch_warnings():  # near-constant differences: scipy warns, and p is ~0 as it should be
+            warnings.simplefilter("ignore", RuntimeWarning)
+            p = float(stats.ttest_rel([a[s] for s in seeds], [b[s] for s in seeds]).pvalue)
+        out["paired_p"] = p if math.isfinite(p) else None
+    return out
+
+
 def default_target(exp: Experiment) -> float | None:
     if exp.target_loss is not None:
         return float(exp.target_loss)
@@ -258,7 +281,9 @@ def summarize(exp: Experiment) -> tuple[list[dict], float | None]:
         base = _baseline_variant(exp, variant)
         row["baseline"] = base
         row["p_value"] = row["vs_baseline"] = None
+        row.update(paired_n=0, paired_diff=None, paired_diff_std=None, paired_p=None)
         if base is not None and base != variant:
+            row.update(paired(cells, exp.of(base)))
             a, b = _final_val(cells), _final_val(exp.of(base))
             p = welch(a, b)
             row["p_value"] = p
@@ -292,7 +317,8 @@ def markdown_table(exp: Experiment, rows: list[dict], target: float | None) -> s
     # Recipe telemetry columns only where some cell ran a recipe (they are empty otherwise).
     shown = [(c, h) for c, _, h in MEAN_COLUMNS
              if not c.startswith("quant_") or any(r.get(c) is not None for r in rows)]
-    headers = ["variant", "status"] + [h for _, h in shown] + ["NaN step", f"vs {exp.baseline} (p)"]
+    headers = ["variant", "status"] + [h for _, h in shown] + ["NaN step", f"vs {exp.baseline} (p)",
+                                                               f"paired diff vs {exp.baseline} (p)"]
     lines = [f"# Experiment `{exp.name}`", "",
              "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for r in rows:
@@ -303,6 +329,12 @@ def markdown_table(exp: Experiment, rows: list[dict], target: float | None) -> s
         if r["p_value"] is not None:
             verdict += f" (p={r['p_value']:.2g})"
         cells.append(verdict)
+        if r["paired_diff"] is None:
+            cells.append("-")
+        else:
+            spread = f" ± {r['paired_diff_std']:.2g}" if r["paired_diff_std"] is not None else ""
+            p = f" (p={r['paired_p']:.2g})" if r["paired_p"] is not None else ""
+            cells.append(f"{r['paired_diff']:+.2g}{spread}{p}, {r['paired_n']} seeds")
         lines.append("| " + " | ".join(cells) + " |")
     tgt = f"{target:.4g}" if target is not None else "-"
     lines += ["", "Legend:",
@@ -328,7 +360,11 @@ def markdown_table(exp: Experiment, rows: list[dict], target: float | None) -> s
               f"- vs {exp.baseline}: Welch's t-test (unequal variances, two-sided) of final validation CE "
               f"against the same settings under the {exp.baseline} policy; `worse`/`better` when "
               f"p < {exp.alpha:g}, `same` otherwise (absence of evidence at this seed count, not equivalence); "
-              f"`-` when either side has fewer than two finished seeds."]
+              f"`-` when either side has fewer than two finished seeds.",
+              f"- paired diff vs {exp.baseline}: final validation CE minus the {exp.baseline} cell's of the same "
+              f"seed (same initial weights and data order), mean ± std over the seeds both finished, and the "
+              f"paired t-test's two-sided p. The seed-to-seed spread cancels in the difference, so with few "
+              f"seeds it resolves effects Welch's test cannot; the verdict column stays Welch's."]
     return "\n".join(lines) + "\n"
 
 
