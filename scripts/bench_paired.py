@@ -93,9 +93,10 @@ def main(argv=None) -> int:
             n = med[policy, "new"][k]
             if args.old and k in med[policy, "old"]:
                 o = med[policy, "old"][k]
-                print(f"| {k} | {o:,.4g} | {n:,.4g} | {n / o:.3f} |")
+                fmt = ".6f" if k == "val_ce" else ",.4g"  # a speed change must leave the loss as it was
+                print(f"| {k} | {o:{fmt}} | {n:{fmt}} | {n / o:.3f} |")
             else:
-                print(f"| {k} | {n:,.4g} |")
+                print(f"| {k} | {n:{'.6f' if k == 'val_ce' else ',.4g'}} |")
         print()
     if len(policies) > 1:
         first = policies[0]
