@@ -55,7 +55,8 @@ def test_import_sandbox_stops_xla_temporaries_from_faulting_in_every_step():
     # reclaim blur it: 2026-11-24 on the same machine, tuned 1093-1541 vs untuned 1028-3600 faults.
     # So it is not in the default run; the whole-run effect is measured by scripts/bench_malloc.py.
     tuned, untuned = _run(_STEP_FAULTS), _run(_STEP_FAULTS, SANDBOX_MALLOC_TUNING="0")
-    assert tuned["applied"] == {"M_MMAP_THRESHOLD": 32 << 20, "M_TRIM_THRESHOLD": 256 << 20, "M_TOP_PAD": 64 << 20}
+    assert tuned["applied"] == {"M_MMAP_THRESHOLD": 32 << 20, "M_TRIM_THRESHOLD": 256 << 20, "M_TOP_PAD": 64 << 20,
+                                "M_MMAP_MAX": 0}
     assert untuned["applied"] == {}
     # untuned: every call maps and faults in its 2 MiB buffers again (~16k faults); tuned: reused
     assert tuned["faults"] * 3 < untuned["faults"], (tuned, untuned)
@@ -64,4 +65,37 @@ def test_import_sandbox_stops_xla_temporaries_from_faulting_in_every_step():
 @glibc_only
 def test_a_setting_made_with_glibcs_own_variable_is_left_alone():
     out = _run("import json, sandbox._malloc as m; print(json.dumps({'applied': m.APPLIED}))", MALLOC_TOP_PAD_="0")
-    assert out["applied"] == {"M_MMAP_THRESHOLD": 32 << 20, "M_TRIM_THRESHOLD": 256 << 20}
+    assert out["applied"] == {"M_MMAP_THRESHOLD": 32 << 20, "M_TRIM_THRESHOLD": 256 << 20, "M_MMAP_MAX": 0}
+
+
+# A 48 MiB block (above glibc's 32 MiB ceiling for M_MMAP_THRESHOLD) allocated, written and freed 5
+# times after a warm-up; prints the minor faults of those 5 rounds.
+_BIG_BLOCK_FAULTS = """
+import ctypes, json, resource
+import sandbox._malloc
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, (ctypes.c_size_t,)
+libc.free.argtypes = (ctypes.c_void_p,)
+n = 48 << 20
+def round_trip():
+    p = libc.malloc(n)
+    ctypes.memset(p, 1, n)
+    libc.free(p)
+round_trip()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):
+    round_trip()
+print(json.dumps({"faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before,
+                  "applied": sandbox._malloc.APPLIED}))
+"""
+
+
+@glibc_only
+def test_blocks_above_the_mmap_ceiling_are_reused_not_mapped_again():
+    # XLA:CPU's temporaries for a bf16 shakespeare_char step are one 57 MiB block: above the 32 MiB
+    # that M_MMAP_THRESHOLD can reach, glibc mmaps it and unmaps it on free, and the next step faults
+    # all 14k pages in again (~5k faults per step, issue 18). M_MMAP_MAX = 0 serves it from the heap.
+    tuned, untuned = _run(_BIG_BLOCK_FAULTS), _run(_BIG_BLOCK_FAULTS, SANDBOX_MALLOC_TUNING="0")
+    assert untuned["faults"] > 5 * (48 << 20) // 4096 // 2, untuned  # mapped afresh each round
+    assert tuned["faults"] < 1000, tuned  # the same heap pages each round
+    assert tuned["applied"]["M_MMAP_MAX"] == 0 and untuned["applied"] == {}
