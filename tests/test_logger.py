@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+import glob
+import math
 
-from sandbox.logger import tb_tag
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+from tensorboard.compat.proto.event_pb2 import Event
+
+from sandbox.logger import read_metrics, tb_tag
 from sandbox.train.loop import train
 
 
@@ -36,14 +41,6 @@ def test_tensorboard_reads_the_run_event_files(tiny):
 def test_each_logged_row_is_one_tensorboard_event_with_the_jsonl_values(tiny):
     # One event per row, not one per scalar: tensorboardX's add_scalar builds and queues an event per
     # value (~0.2 ms each, some 30 per step), host time a 2-core machine takes from the step itself.
-    import glob
-    import math
-
-    from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
-    from tensorboard.compat.proto.event_pb2 import Event
-
-    from sandbox.logger import read_metrics
-
     cfg = tiny(overrides={"logging": {"tensorboard": True}, "training": {"steps": 6, "eval_every": 3}})
     result = train(cfg, quiet=True)
     (events_file,) = glob.glob(str(result.run_dir / "tb" / "events.out.tfevents.*"))

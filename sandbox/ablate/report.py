@@ -214,8 +214,13 @@ def _baseline_variant(exp: Experiment, variant: str) -> str | None:
     return fallback
 
 
+def _final_val_by_seed(cells: list[CellData]) -> dict[int, float]:
+    """Final val CE of each finished cell, by seed."""
+    return {c.seed: v for c in cells if c.status == "finished" and (v := _num(c.summary.get("val_ce"))) is not None}
+
+
 def _final_val(cells: list[CellData]) -> list[float]:
-    return [v for c in cells if c.status == "finished" and (v := _num(c.summary.get("val_ce"))) is not None]
+    return list(_final_val_by_seed(cells).values())
 
 
 def welch(a: list[float], b: list[float]) -> float | None:
@@ -234,8 +239,7 @@ def paired(variant: list[CellData], base: list[CellData]) -> dict:
     Cells with the same seed share their initial weights and data order, so the seed-to-seed spread
     cancels in the difference: with few seeds this sees effects that Welch's test over all seeds cannot.
     """
-    a = {c.seed: v for c in variant if c.status == "finished" and (v := _num(c.summary.get("val_ce"))) is not None}
-    b = {c.seed: v for c in base if c.status == "finished" and (v := _num(c.summary.get("val_ce"))) is not None}
+    a, b = _final_val_by_seed(variant), _final_val_by_seed(base)
     seeds = sorted(a.keys() & b.keys())
     d = np.array([a[s] - b[s] for s in seeds])
     out = {"paired_n": len(seeds), "paired_diff": float(d.mean()) if len(d) else None,
