@@ -110,9 +110,11 @@ class Block(nn.Module):
             q_BTHK = q_BTHK * jnp.asarray(k**-0.5, q_BTHK.dtype)
             # The scores leave the dot in the softmax dtype (fp32 accumulation, one rounding),
             # never rounded to the compute dtype first; only the naive ablation keeps them narrow.
+            # Their gradient enters the backward GEMMs in the compute dtype (Policy.wide_dot).
             scores_dtype = p.compute_dtype if self.naive_softmax else p.softmax_dtype
-            scores_BHTT = jnp.einsum("bthk,bshk->bhts", q_BTHK, k_BTHK, precision=p.precision,
-                                     preferred_element_type=scores_dtype)
+            scores_BHTT = p.wide_dot(lambda a, b, dtype: jnp.einsum(
+                "bthk,bshk->bhts", a, b, precision=p.precision, preferred_element_type=dtype),
+                q_BTHK, k_BTHK, scores_dtype)
             causal_TT = jnp.tril(jnp.ones((t, t), bool))
             if self.is_mutable_collection(ATTN):
                 self.sow(ATTN, "stats", attention_stats(scores_BHTT, causal_TT))
@@ -153,13 +155,15 @@ class GPT(nn.Module):
             x_BTD = Block(c, p, self.naive_softmax, i, name=f"block_{i}")(x_BTD, deterministic)
         x_BTD = nn.LayerNorm(name="ln_f", dtype=p.compute_dtype, param_dtype=p.param_dtype)(x_BTD)
         with jax.named_scope("head"):
-            # Tied head; logits come out of the dot directly in the output dtype (fp32).
+            # Tied head; logits come out of the dot directly in the output dtype (fp32), and their
+            # gradient enters the backward GEMMs in the compute dtype (Policy.wide_dot).
             w_VD = embed.embedding.astype(p.compute_dtype)
             dot_cls = p.dot_general_cls(head=True)
             dims = (((2,), (1,)), ((), ()))
             if dot_cls is None:
-                logits_BTV = lax.dot_general(x_BTD, w_VD, dims, precision=p.precision,
-                                             preferred_element_type=p.output_dtype)
+                logits_BTV = p.wide_dot(lambda a, b, dtype: lax.dot_general(
+                    a, b, dims, precision=p.precision, preferred_element_type=dtype),
+                    x_BTD, w_VD, p.output_dtype)
             else:
                 logits_BTV = dot_cls(name="head_dot")(x_BTD, w_VD, dims,
                                                       preferred_element_type=p.output_dtype)

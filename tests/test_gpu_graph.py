@@ -112,9 +112,6 @@ def test_16_bit_policies_have_no_highest_precision_matmul_on_cuda(cuda, policy):
     assert "HIGHEST" not in module
 
 
-@pytest.mark.xfail(strict=True, reason="issue 18: the backward GEMMs of the dots that declare an f32 result "
-                   "(head logits, attention scores) get f32 cotangents, so they run as f32 GEMMs; the fix "
-                   "(a custom_vjp casting the cotangent to the compute dtype, as fp8_dot does) is in model.py")
 @pytest.mark.parametrize("policy", ["bf16", "fp16"])
 def test_16_bit_policies_every_cuda_matmul_takes_16_bit_operands(cuda, policy):
     module, _ = cuda(policy)

@@ -75,6 +75,45 @@ def test_attention_softmax_within_1e_6_of_float64_at_large_scores(magnitude):
     assert np.all(probs[..., ~causal] == 0)
 
 
+@pytest.mark.parametrize("policy", ["bf16", "fp16"])
+def test_a_wide_result_dot_rounds_its_cotangent_to_the_operand_dtype(policy):
+    # The head's logits and the attention scores leave their dot in fp32; their gradient must enter
+    # the two backward GEMMs in the compute dtype (as under PyTorch autocast), so those GEMMs take
+    # 16-bit operands. Reference: float64 numpy on ml_dtypes-rounded values.
+    p = PRESETS[policy]
+    narrow = np.dtype(p.compute_dtype)
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((6, 16, 64)).astype(narrow)
+    w = rng.standard_normal((40, 64)).astype(narrow)
+    g = rng.standard_normal((6, 16, 40)).astype(np.float32)  # an fp32 cotangent, bits below 16-bit precision
+    dims = (((2,), (1,)), ((), ()))
+
+    def dot(a, b, dtype):
+        return jax.lax.dot_general(a, b, dims, preferred_element_type=dtype)
+
+    out, pullback = jax.vjp(lambda a, b: p.wide_dot(dot, a, b, jnp.float32), jnp.asarray(x), jnp.asarray(w))
+    dx, dw = (np.asarray(t) for t in pullback(jnp.asarray(g)))
+    assert out.dtype == jnp.float32 and dx.dtype == narrow and dw.dtype == narrow
+    np.testing.assert_allclose(np.asarray(out), np.einsum("btd,vd->btv", x.astype(np.float64), w.astype(np.float64)),
+                               rtol=1e-5, atol=1e-5)
+
+    def reference(cotangent):
+        c = cotangent.astype(np.float64)
+        return (np.einsum("btv,vd->btd", c, w.astype(np.float64)).astype(narrow),
+                np.einsum("btv,btd->vd", c, x.astype(np.float64)).astype(narrow))
+
+    rounded, unrounded = reference(g.astype(narrow)), reference(g)
+    for got, want, wide in zip((dx, dw), rounded, unrounded):
+        # f32 accumulation may round one element to the neighbouring 16-bit value; no more
+        assert np.mean(got != want) < 0.01
+        np.testing.assert_allclose(got.astype(np.float64), want.astype(np.float64), rtol=2 ** -7, atol=1e-3)
+        assert np.mean(wide != want) > 0.1  # the unrounded cotangent gives a visibly different gradient
+    # fp32 operands: plain autodiff, no custom rule in the graph
+    x32 = jnp.asarray(x, jnp.float32)
+    jaxpr = jax.make_jaxpr(lambda a: PRESETS["fp32"].wide_dot(dot, a, jnp.asarray(w, jnp.float32), jnp.float32))(x32)
+    assert "custom_vjp" not in str(jaxpr)
+
+
 def _final(run_dir, key="loss", n=3):
     rows = [r for r in read_metrics(run_dir) if r["split"] == "train"]
     return float(np.mean([r[key] for r in rows[-n:]]))

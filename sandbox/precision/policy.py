@@ -103,6 +103,36 @@ class Policy:
             return None
         return functools.partial(RecipeDotGeneral, recipe=self.recipe)
 
+    def wide_dot(self, dot, x: jax.Array, y: jax.Array, out_dtype) -> jax.Array:
+        """`dot(x, y, out_dtype)`, a dot whose result is wider than its 16-bit operands (scores, logits).
+
+        Forward: the result leaves the dot in `out_dtype` (fp32 accumulation, one rounding). Backward:
+        the cotangent is rounded to the operands' dtype first, so both backward GEMMs take 16-bit
+        operands, as under PyTorch autocast (where the fp32 cast's backward rounds the gradient to
+        bf16/fp16 before the matmul's) and TransformerEngine. Plain autodiff would hand the fp32
+        cotangent to the transposed dots, which promote their 16-bit operand and run as fp32 GEMMs:
+        on a GPU, two of a layer's three GEMMs off the tensor cores' 16-bit path. `dot(a, b, dtype)`
+        is the forward with a given result dtype; the backward differentiates it with the operands'.
+        Operands already as wide as the result (fp32, tf32 policies) are left to plain autodiff.
+        """
+        if x.dtype != y.dtype or jnp.dtype(x.dtype).itemsize >= jnp.dtype(out_dtype).itemsize:
+            return dot(x, y, out_dtype)
+
+        @jax.custom_vjp
+        def wide(a, b):
+            return dot(a, b, out_dtype)
+
+        def wide_fwd(a, b):
+            return dot(a, b, out_dtype), (a, b)
+
+        def wide_bwd(res, g):
+            a, b = res
+            _, pullback = jax.vjp(lambda a_, b_: dot(a_, b_, a_.dtype), a, b)
+            return pullback(g.astype(a.dtype))
+
+        wide.defvjp(wide_fwd, wide_bwd)
+        return wide(x, y)
+
     def keeps(self, block: int | None, n_layer: int | None) -> bool:
         """Whether dense layers of `block` stay in the compute dtype (precision.recipe.keep_bf16)."""
         if block is None:
