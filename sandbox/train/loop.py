@@ -217,6 +217,10 @@ class Trainer:
                 if at_ckpt and done != total:
                     self.log.flush()
                     self.save_checkpoint(state)
+                if at_drift or at_eval or at_ckpt:
+                    # nothing is in flight here (the state was read): time the next steps from now, so
+                    # no step_time or tokens/s absorbs the evaluation or the checkpoint write
+                    self._t_last = time.perf_counter()
                 if self.stop_requested:
                     status = "interrupted"
                     break
@@ -261,12 +265,15 @@ class Trainer:
             return None
         rows = jax.device_get(ready)
         now = time.perf_counter()
-        if self._compile_time is None:
+        first = self._compile_time is None  # this process's first read: its interval holds the compile
+        if first:
             self._compile_time = now - self._t_last
         read = len(ready)
         dt = (now - self._t_last) / max(self._steps_since, 1)
         self._t_last, self._steps_since = now, self._steps_since - read
         tokens_per_step = self.cfg.training.batch_size * self.cfg.model.context
+        if not first:
+            self.recorder.throughput.append(tokens_per_step / dt)
         failed_step = self.recorder.record(rows, state, tokens_per_step / dt, dt)
         loss = rows[-1][1]["loss"]
         self.log.update_progress(rows[-1][0] + 1, f"loss {loss:.3f} ppl {math.exp(min(loss, 700)):.2f} "

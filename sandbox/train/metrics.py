@@ -74,6 +74,9 @@ class StepRecorder:
         self.cfg, self.log, self.hooks = cfg, log, hooks
         self.leaf_names, self.data_info, self.min_scale = leaf_names, data_info, min_scale
         self.history: list[dict] = []  # recent train rows, for bundles and summaries
+        # tokens/s of each read-back interval but the process's first (compile), evaluation and
+        # checkpoint time left out (the loop times from after them): the summary's median
+        self.throughput: list[float] = []
         self.events: list[dict] = []
         self.cause: str | None = None  # why a failed run stopped
         self.stalled = False
@@ -189,8 +192,10 @@ def summary(run_dir: Path, cfg: config_lib.Config, recorder: StepRecorder, state
             failed_step: int | None, bundle: Path | None, data_info: dict, compute_dtype=None) -> dict:
     """summary.json. Steps are named by state.step after them (1-based), as in metrics.jsonl.
 
-    Everything but timings (wall_time_s, compile_time_s, tokens_per_s) is a function of the run's
-    metrics.jsonl and final state, so a resumed run's summary equals the uninterrupted run's.
+    tokens_per_s: the median over this process's log intervals but the first (which holds the compile),
+    or the last interval's when there is no other. Everything but timings (wall_time_s, compile_time_s,
+    tokens_per_s) is a function of the run's metrics.jsonl and final state, so a resumed run's summary
+    equals the uninterrupted run's.
     train_ce: mean CE over the last 10% (at least one) of the steps that applied an update.
     state_bytes: the train state's bytes per parameter by kind (params, fp32 master, Kahan buffer,
     Adam moments, fp8 meta, other), from its leaves' shapes and dtypes (no device read);
@@ -210,7 +215,8 @@ def summary(run_dir: Path, cfg: config_lib.Config, recorder: StepRecorder, state
         "val_bits_per_token": last_val["bits_per_token"] if last_val else None,
         "val_bits_per_byte": last_val.get("bits_per_byte") if last_val else None,
         "val_perplexity": last_val["perplexity"] if last_val else None,
-        "tokens_per_s": float(np.median([r["tokens_per_s"] for r in history[-20:]])) if history else None,
+        "tokens_per_s": float(np.median(recorder.throughput)) if recorder.throughput else
+        float(np.median([r["tokens_per_s"] for r in history[-20:]])) if history else None,
         "wall_time_s": wall,
         "compile_time_s": compile_time,
         "overflow_skips": int(g.skipped_overflow),
