@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import statistics
+import time
+
 from sandbox.train import loop
 
 
@@ -55,10 +59,6 @@ def test_step_timings_leave_out_evaluation_checkpoints_and_the_compile(tiny, mon
     tiny step): no logged interval may absorb them, and the summary's tokens/s is the median over
     every log interval but the first (which holds the step's compile), not one interval's value.
     """
-    import json
-    import statistics
-    import time
-
     slow = 0.6
     real_eval, real_save = loop.Trainer.evaluate, loop.Trainer.save_checkpoint
 

@@ -271,13 +271,13 @@ class Trainer:
         read = len(ready)
         dt = (now - self._t_last) / max(self._steps_since, 1)
         self._t_last, self._steps_since = now, self._steps_since - read
-        tokens_per_step = self.cfg.training.batch_size * self.cfg.model.context
+        tokens_per_s = self.cfg.training.batch_size * self.cfg.model.context / dt
         if not first:
-            self.recorder.throughput.append(tokens_per_step / dt)
-        failed_step = self.recorder.record(rows, state, tokens_per_step / dt, dt)
+            self.recorder.throughput.append(tokens_per_s)
+        failed_step = self.recorder.record(rows, state, tokens_per_s, dt)
         loss = rows[-1][1]["loss"]
         self.log.update_progress(rows[-1][0] + 1, f"loss {loss:.3f} ppl {math.exp(min(loss, 700)):.2f} "
-                                                 f"{tokens_per_step / dt:,.0f} tok/s")
+                                                 f"{tokens_per_s:,.0f} tok/s")
         return failed_step
 
     def _step_fn(self, step: int):

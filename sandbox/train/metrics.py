@@ -187,6 +187,12 @@ def run_telemetry(rows: list[dict]) -> dict:
     return out
 
 
+def _tokens_per_s(recorder: StepRecorder) -> float | None:
+    """Median over the timed intervals; a run read back only once has just its last rows' value."""
+    timed = recorder.throughput or [r["tokens_per_s"] for r in recorder.history[-20:]]
+    return float(np.median(timed)) if timed else None
+
+
 def summary(run_dir: Path, cfg: config_lib.Config, recorder: StepRecorder, state: TrainState, *, policy: str,
             last_val: dict | None, wall: float, compile_time: float | None, status: str,
             failed_step: int | None, bundle: Path | None, data_info: dict, compute_dtype=None) -> dict:
@@ -205,7 +211,6 @@ def summary(run_dir: Path, cfg: config_lib.Config, recorder: StepRecorder, state
     applied = [r for r in rows if r.get("applied", 1) and isinstance(r.get("ce", r.get("loss")), (int, float))]
     tail = applied[-max(1, len(applied) // 10):]
     g = jax.device_get(state.guard)
-    history = recorder.history
     s = {
         "status": status,
         "steps": failed_step + 1 if failed_step is not None else int(state.step),
@@ -215,8 +220,7 @@ def summary(run_dir: Path, cfg: config_lib.Config, recorder: StepRecorder, state
         "val_bits_per_token": last_val["bits_per_token"] if last_val else None,
         "val_bits_per_byte": last_val.get("bits_per_byte") if last_val else None,
         "val_perplexity": last_val["perplexity"] if last_val else None,
-        "tokens_per_s": float(np.median(recorder.throughput)) if recorder.throughput else
-        float(np.median([r["tokens_per_s"] for r in history[-20:]])) if history else None,
+        "tokens_per_s": _tokens_per_s(recorder),
         "wall_time_s": wall,
         "compile_time_s": compile_time,
         "overflow_skips": int(g.skipped_overflow),
