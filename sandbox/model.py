@@ -24,6 +24,8 @@ entropy of each head's attention rows, from log-probabilities.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -68,18 +70,37 @@ def rotary(x_BTHK: jax.Array) -> jax.Array:
     return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).astype(x_BTHK.dtype)
 
 
+class Dense(nn.Dense):
+    """nn.Dense (same parameters, same forward) whose bias gradient is summed over tokens in fp32.
+
+    `bias_add` is the policy's `add_broadcast`; nn.Dense's own `y += bias` would sum the bias
+    gradient in the compute dtype, add by add (Policy.add_broadcast says why that is wrong).
+    """
+
+    bias_add: Callable[[jax.Array, jax.Array], jax.Array] = jnp.add
+
+    @nn.compact
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", self.kernel_init, (jnp.shape(inputs)[-1], self.features), self.param_dtype)
+        bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+        inputs, kernel, bias = self.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
+        dot_general = self.dot_general_cls() if self.dot_general_cls is not None else lax.dot_general
+        y = dot_general(inputs, kernel, (((inputs.ndim - 1,), (0,)), ((), ())), precision=self.precision)
+        return self.bias_add(y, bias)
+
+
 class Block(nn.Module):
     cfg: ModelConfig
     policy: Policy
     naive_softmax: bool = False
     index: int = 0  # which block, for layers a policy keeps in bf16 (precision.recipe.keep_bf16)
 
-    def dense(self, features: int, name: str) -> nn.Dense:
+    def dense(self, features: int, name: str) -> Dense:
         p = self.policy
         dot_cls = p.dot_general_cls(block=self.index, n_layer=self.cfg.n_layer)
-        return nn.Dense(features, name=name, dtype=p.compute_dtype, param_dtype=p.param_dtype,
-                        precision=p.precision, dot_general_cls=dot_cls,
-                        kernel_init=nn.initializers.normal(self.cfg.init_std))
+        return Dense(features, name=name, dtype=p.compute_dtype, param_dtype=p.param_dtype,
+                     precision=p.precision, dot_general_cls=dot_cls,
+                     kernel_init=nn.initializers.normal(self.cfg.init_std), bias_add=p.add_broadcast)
 
     def norm(self, name: str) -> nn.LayerNorm:
         # Flax computes LayerNorm statistics in fp32 whatever the dtype.
@@ -146,10 +167,12 @@ class GPT(nn.Module):
         init = nn.initializers.normal(c.init_std)
         embed = nn.Embed(c.vocab_size, c.d_model, name="embed", dtype=p.compute_dtype,
                          param_dtype=p.param_dtype, embedding_init=init)
-        x_BTD = embed(tokens_BT)
+        # The table's and the positions' gradients sum over tokens: in fp32 (Policy.lookup, add_broadcast).
+        w_VD = embed.embedding.astype(p.compute_dtype)
+        x_BTD = p.lookup(w_VD, tokens_BT)
         if c.positions == "learned":
             pos_TD = self.param("pos_embed", init, (c.context, c.d_model), p.param_dtype)
-            x_BTD = x_BTD + pos_TD[None, : tokens_BT.shape[1]].astype(p.compute_dtype)
+            x_BTD = p.add_broadcast(x_BTD, pos_TD[: tokens_BT.shape[1]].astype(p.compute_dtype))
         x_BTD = nn.Dropout(c.dropout, deterministic=deterministic)(x_BTD)
         for i in range(c.n_layer):  # Flax puts module names on JAX's name stack (forensics reads it)
             x_BTD = Block(c, p, self.naive_softmax, i, name=f"block_{i}")(x_BTD, deterministic)
@@ -157,7 +180,6 @@ class GPT(nn.Module):
         with jax.named_scope("head"):
             # Tied head; logits come out of the dot directly in the output dtype (fp32), and their
             # gradient enters the backward GEMMs in the compute dtype (Policy.wide_dot).
-            w_VD = embed.embedding.astype(p.compute_dtype)
             dot_cls = p.dot_general_cls(head=True)
             dims = (((2,), (1,)), ((), ()))
             if dot_cls is None:

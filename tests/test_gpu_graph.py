@@ -158,6 +158,24 @@ def test_softmax_and_loss_run_in_fp32_on_cuda(cuda, policy):
     assert not narrow, "\n".join(narrow)
 
 
+_SUM = re.compile(r"stablehlo\.reduce\(.*applies stablehlo\.add .*-> tensor<(?:[\dx]*x)?(bf16|f16)>")
+_SCATTER = re.compile(r"\"stablehlo\.scatter\".*?-> tensor<[\dx]*x(\w+)>", re.S)
+
+
+@pytest.mark.parametrize("policy", ["bf16", "fp16", "fp8"])
+def test_no_gradient_sum_accumulates_in_16_bits(cuda, policy):
+    # Bias, position and embedding gradients are sums over tokens: each must accumulate in fp32
+    # (one rounding to 16 bits at the end), never add by add in bf16/fp16 (a reduce or a
+    # scatter-add whose element type is 16-bit). Checked in the whole module, helpers included.
+    module, _ = cuda(policy)
+    sums = [line.strip()[:160] for line in module.splitlines() if _SUM.search(line)]
+    assert not sums, "\n".join(sums)
+    scatters = [m.group(0)[-120:] for m in _SCATTER.finditer(module) if m.group(1) in SIXTEEN_BIT]
+    assert not scatters, "\n".join(scatters)
+    # the check sees reductions at all: the step's fp32 gradient sums are there
+    assert re.search(r"applies stablehlo\.add .*-> tensor<(?:[\dx]*x)?f32>", module)
+
+
 # ---------------------------------------------------------------- scripts/gpu_report.py
 
 def _gpu_report():

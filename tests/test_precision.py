@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 from scipy import special
 
-from sandbox.config import PrecisionConfig
+from conftest import tiny_config
+from sandbox.config import ModelConfig, PrecisionConfig
 from sandbox.errors import UserError
 from sandbox.logger import read_metrics
-from sandbox.model import GPT
+from sandbox.model import GPT, Block
 from sandbox.precision.fp8 import FP8_META
 from sandbox.precision.policy import PRESETS, make_policy, parse_policy_string
 from sandbox.train.loop import build, initial_state, train
@@ -114,6 +115,78 @@ def test_a_wide_result_dot_rounds_its_cotangent_to_the_operand_dtype(policy):
     assert "custom_vjp" not in str(jaxpr)
 
 
+class _DenseOnly(Block):
+    """The model's own dense layer (Block.dense), alone."""
+
+    @nn.compact
+    def __call__(self, x):
+        return self.dense(x.shape[-1], "fc")(x)
+
+
+def _sum_rounded_once(g, axes, narrow):
+    """The float64 sum of 16-bit values, rounded once to the 16-bit type (ml_dtypes)."""
+    return g.astype(np.float64).sum(axis=axes).astype(narrow)
+
+
+def _check_sum(got, want, narrow):
+    # f32 accumulation of 16-bit terms is exact to ~1e-5 relative, far below a 16-bit ulp: it may
+    # round an element to the neighbouring 16-bit value at a tie, no more
+    assert got.dtype == narrow
+    assert np.mean(got != want) < 0.01
+    np.testing.assert_allclose(got.astype(np.float64), want.astype(np.float64), rtol=2 ** -7, atol=0)
+
+
+@pytest.mark.parametrize("policy", ["bf16", "fp16"])
+def test_16_bit_dense_bias_gradient_is_summed_in_fp32(policy):
+    # A bias's gradient sums the output's cotangent over every token (768 here). Summed in the
+    # 16-bit type, each partial sum rounds (XLA:CPU's bf16 reduce rounds after every add), several
+    # ulps off; PyTorch autocast and TransformerEngine sum in fp32 and round once. Reference:
+    # float64 numpy on the 16-bit cotangent, rounded once with ml_dtypes.
+    p = PRESETS[policy]
+    narrow = np.dtype(p.compute_dtype)
+    cfg = ModelConfig(vocab_size=16, context=64, n_layer=1, n_head=4, d_model=128)
+    layer = _DenseOnly(cfg, p)
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.standard_normal((12, 64, 128)).astype(narrow))
+    params = p.cast_to_compute(layer.init(jax.random.key(0), x)["params"])
+    # a cotangent with a common offset: a long sum of same-signed terms is where 16-bit partial
+    # sums lose the most
+    g = (1.0 + 0.5 * rng.standard_normal((12, 64, 128))).astype(narrow)
+    _, pullback = jax.vjp(lambda prm: layer.apply({"params": prm}, x), params)
+    (grads,) = pullback(jnp.asarray(g))
+    _check_sum(np.asarray(grads["fc"]["bias"]), _sum_rounded_once(g, (0, 1), narrow), narrow)
+
+
+@pytest.mark.parametrize("policy", ["bf16", "fp16"])
+def test_16_bit_broadcast_add_and_lookup_gradients_are_summed_in_fp32(policy):
+    # The learned positions' gradient sums over the batch, the embedding's over every occurrence of
+    # a token: in fp32, rounded once (same reference as the bias test above).
+    p = PRESETS[policy]
+    narrow = np.dtype(p.compute_dtype)
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal((256, 64, 32)).astype(narrow))
+    b = jnp.asarray(rng.standard_normal((64, 32)).astype(narrow))
+    g = (1.0 + 0.5 * rng.standard_normal((256, 64, 32))).astype(narrow)
+    out, pullback = jax.vjp(p.add_broadcast, x, b)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(x + b))  # the forward is the plain add
+    dx, db = pullback(jnp.asarray(g))
+    np.testing.assert_array_equal(np.asarray(dx), g)
+    _check_sum(np.asarray(db), _sum_rounded_once(g, 0, narrow), narrow)
+
+    table = jnp.asarray(rng.standard_normal((8, 32)).astype(narrow))
+    ids = rng.integers(0, 8, (48, 64))
+    rows, pullback = jax.vjp(lambda t: p.lookup(t, jnp.asarray(ids)), table)
+    np.testing.assert_array_equal(np.asarray(rows), np.asarray(table)[ids])
+    gr = (1.0 + 0.5 * rng.standard_normal((48, 64, 32))).astype(narrow)
+    (dt,) = pullback(jnp.asarray(gr))
+    want = np.stack([gr[ids == v].astype(np.float64).sum(0) for v in range(8)]).astype(narrow)
+    _check_sum(np.asarray(dt), want, narrow)
+    # fp32 operands: plain autodiff, no custom rule in the graph
+    f32 = PRESETS["fp32"]
+    assert "custom_vjp" not in str(jax.make_jaxpr(f32.add_broadcast)(x.astype(jnp.float32), b.astype(jnp.float32)))
+    assert "custom_vjp" not in str(jax.make_jaxpr(lambda t: f32.lookup(t, jnp.asarray(ids)))(table.astype(jnp.float32)))
+
+
 def _final(run_dir, key="loss", n=3):
     rows = [r for r in read_metrics(run_dir) if r["split"] == "train"]
     return float(np.mean([r[key] for r in rows[-n:]]))
@@ -122,7 +195,6 @@ def _final(run_dir, key="loss", n=3):
 @pytest.fixture(scope="module")
 def policy_runs(tmp_path_factory):
     """One short run per policy on the same tiny config and seed."""
-    from conftest import tiny_config
 
     root = tmp_path_factory.mktemp("policies")
     runs = {}
@@ -148,15 +220,27 @@ def test_fp16_noscale_underflows_and_the_scaler_does_not(policy_runs):
     assert policy_runs["fp16"].summary["final_loss_scale"] > 1.0  # backed off, never collapsed
 
 
-def test_bf16_pure_loses_updates_and_trains_worse(policy_runs):
+def test_bf16_pure_loses_updates(policy_runs):
     pure, bf16 = policy_runs["bf16_pure"].summary, policy_runs["bf16"].summary
     assert pure["lost_update_frac"] > 0.15 and bf16["lost_update_frac"] < 0.01  # means over the run
-    assert pure["val_ce"] > bf16["val_ce"] + 0.05
     # bf16 scalars are logged (not dropped as a non-numpy dtype), and the summary's fraction is
     # the mean over every step of the run, not over the bundle history's tail
     rows = [r for r in read_metrics(policy_runs["bf16_pure"].run_dir) if r["split"] == "train"]
     assert len(rows) == 100 and all(r["update_ratio"] > 0 for r in rows[1:])
     assert pure["lost_update_frac"] == pytest.approx(np.mean([r["lost_update_frac"] for r in rows]))
+
+
+def test_bf16_pure_trains_worse_than_bf16(tmp_path):
+    # At lr 1e-3 (a third of the tiny config's) the lost updates cost bf16_pure 0.06-0.08 nats of val
+    # CE on every seed tried (0-2). At 3e-3 the synthetic source is learnt to its floor within 100
+    # steps whatever the precision, and the gap was 0.005 to 0.11 from seed to seed: no verdict.
+    val = {}
+    for policy in ("bf16", "bf16_pure"):
+        cfg = tiny_config(tmp_path, policy, sets=[f"precision.policy={policy}", "training.steps=100",
+                                                  "training.batch_size=32", "training.eval_batches=16",
+                                                  "optimizer.lr=1e-3"])
+        val[policy] = train(cfg).summary["val_ce"]
+    assert val["bf16_pure"] > val["bf16"] + 0.03, val
 
 
 def test_overflow_halves_scale_and_skips_bitwise(tiny):

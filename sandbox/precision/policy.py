@@ -133,6 +133,53 @@ class Policy:
         wide.defvjp(wide_fwd, wide_bwd)
         return wide(x, y)
 
+    # -- gradient sums over tokens ------------------------------------------
+    # A bias, the learned positions and the embedding table each receive a gradient that sums the
+    # cotangent over tokens (768 terms for a batch of 12 x 64). Plain autodiff sums in the operand's
+    # 16-bit type, add by add (XLA:CPU rounds every partial sum to bf16; bf16's 8-bit significand
+    # loses the small terms of a long same-signed sum, and fp16's partial sums of loss-scaled
+    # gradients can overflow where the total would not). PyTorch autocast and TransformerEngine sum
+    # in fp32 and round once; so do these rules. 16-bit operands only: fp32 keeps plain autodiff.
+
+    def add_broadcast(self, x: jax.Array, b: jax.Array) -> jax.Array:
+        """`x + b`, `b` broadcast over x's leading axes; b's gradient summed over them in fp32."""
+        if jnp.dtype(b.dtype).itemsize >= 4:
+            return x + b
+        lead = tuple(range(x.ndim - b.ndim))
+
+        @jax.custom_vjp
+        def add(x_, b_):
+            return x_ + b_
+
+        def add_fwd(x_, b_):
+            return x_ + b_, None
+
+        def add_bwd(_, g):
+            return g, jnp.sum(g.astype(jnp.float32), axis=lead).astype(b.dtype)
+
+        add.defvjp(add_fwd, add_bwd)
+        return add(x, b)
+
+    def lookup(self, table: jax.Array, ids: jax.Array) -> jax.Array:
+        """Rows `table[ids]`; the table's gradient (a scatter-add over tokens) summed in fp32."""
+        if jnp.dtype(table.dtype).itemsize >= 4:
+            return jnp.take(table, ids, axis=0)
+
+        @jax.custom_vjp
+        def take(t, i):
+            return jnp.take(t, i, axis=0)
+
+        def take_fwd(t, i):
+            return jnp.take(t, i, axis=0), i
+
+        def take_bwd(i, g):
+            rows = g.reshape(-1, g.shape[-1]).astype(jnp.float32)
+            summed = jnp.zeros(table.shape, jnp.float32).at[i.reshape(-1)].add(rows)
+            return summed.astype(table.dtype), None  # ids are integers: no cotangent
+
+        take.defvjp(take_fwd, take_bwd)
+        return take(table, ids)
+
     def keeps(self, block: int | None, n_layer: int | None) -> bool:
         """Whether dense layers of `block` stay in the compute dtype (precision.recipe.keep_bf16)."""
         if block is None:
