@@ -75,6 +75,7 @@ class Dense(nn.Dense):
 
     `bias_add` is the policy's `add_broadcast`; nn.Dense's own `y += bias` would sum the bias
     gradient in the compute dtype, add by add (Policy.add_broadcast says why that is wrong).
+    Always with a bias, and the dot from `dot_general_cls` or lax.dot_general (the model's uses).
     """
 
     bias_add: Callable[[jax.Array, jax.Array], jax.Array] = jnp.add
