@@ -195,7 +195,6 @@ def _final(run_dir, key="loss", n=3):
 @pytest.fixture(scope="module")
 def policy_runs(tmp_path_factory):
     """One short run per policy on the same tiny config and seed."""
-
     root = tmp_path_factory.mktemp("policies")
     runs = {}
     for policy in ("fp32", "bf16", "fp16", "bf16_pure", "fp16_noscale"):
