@@ -9,13 +9,14 @@ import numpy as np
 import pytest
 from scipy import special
 
-from conftest import tiny_config
+from conftest import REPO, tiny_config
+from sandbox import config as config_lib
 from sandbox.config import ModelConfig, PrecisionConfig
 from sandbox.errors import UserError
 from sandbox.logger import read_metrics
 from sandbox.model import GPT, Block, Dense
 from sandbox.precision.fp8 import FP8_META
-from sandbox.precision.policy import PRESETS, make_policy, parse_policy_string
+from sandbox.precision.policy import PRESETS, Policy, make_policy, parse_policy_string
 from sandbox.train.loop import build, initial_state, train
 from sandbox.train.step import forward
 
@@ -199,6 +200,33 @@ def test_fp16_dense_backward_gemms_on_cpu_share_one_fp32_upcast_of_the_cotangent
         want16 = want.astype(np.float16)  # float64, rounded once (ml_dtypes/numpy)
         assert np.mean(np.asarray(got) != want16) < 0.01
         np.testing.assert_allclose(np.asarray(got, np.float64), want16.astype(np.float64), rtol=2 ** -10, atol=1e-3)
+
+
+def test_fp16_dense_rule_leaves_the_training_steps_bit_identical_on_cpu(tmp_path, monkeypatch):
+    # The layer test above can pass while training drifts: XLA rewrites a lone layer's GEMMs
+    # differently from a whole step's. A weight gradient written as x^T g instead of (g^T x)^T
+    # passed it, and the golden curves, and still changed the shipped recipe's state at its 5th
+    # step. Reference: the same steps with plain fp16 autodiff (XLA:CPU's own fp16 GEMMs).
+    raw = config_lib.apply_overrides(config_lib.read_yaml(REPO / "configs" / "shakespeare_char.yaml"),
+                                     ["precision.policy=fp16", f"run_root={tmp_path}"])
+    cfg = config_lib.from_dict(raw)
+
+    def states():
+        run = build(cfg)
+        state, out = initial_state(run), []
+        for k in range(8):
+            state, _ = run.step_fn(state, run.pipeline.train_batch(k).as_dict())
+            out.append(jax.device_get(state.params))
+        return run.step_fn.lower(state, run.pipeline.train_batch(0).as_dict()).as_text(), out
+
+    ours_text, ours = states()
+    monkeypatch.setattr(Policy, "dense_dot", lambda self, x, kernel, precision=None: jax.lax.dot_general(
+        x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=precision))
+    plain_text, plain = states()
+    assert "stablehlo.case" in ours_text and "stablehlo.case" not in plain_text  # the rule was on, then off
+    for step, (got, want) in enumerate(zip(ours, plain)):
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            assert np.array_equal(a, b), f"parameters differ after step {step}"
 
 
 @pytest.mark.parametrize("policy", ["bf16", "fp16"])

@@ -139,16 +139,18 @@ class Policy:
         The plain dot, forward and backward, except for fp16 operands on CPU. XLA:CPU has no fp16
         GEMM: it runs each one as an fp32 GEMM on upcast operands and rounds the result to fp16, and
         it inserts those upcasts after its common-subexpression pass. The output's cotangent, read by
-        both backward GEMMs (and by the bias sum), was therefore upcast once per reader, and its
-        whole elementwise producer (GELU's derivative: some 40 fp16 ops, each rounding through a
-        convert pair on x86) fused into every upcast, computed three times: 10% of an fp16 step
-        (docs/scaling.md). Here the backward writes the upcast out, one op that XLA shares between
-        the readers: the same fp32 GEMMs on the same values in the operand order XLA itself would
-        pick, so the same bits (tests/test_golden.py), with one producer. Every other backend keeps
-        the fp16 GEMMs its hardware runs (`platform_dependent` picks the branch when the step is
-        lowered; tests/test_gpu_graph.py checks the CUDA graph). bf16 keeps plain autodiff
-        everywhere: XLA:CPU runs bf16 GEMMs natively on this kind of machine, and the upcast there
-        changes bits and saves nothing.
+        both backward GEMMs, was therefore upcast once per GEMM, and its whole elementwise producer
+        (GELU's derivative: some 40 fp16 ops, each rounding through a convert pair on x86) fused
+        into every upcast: computed three times with the bias sum's fp32 copy, now twice, ~10% of
+        an fp16 step (docs/scaling.md). Here the backward writes the upcast out, one op that both
+        GEMMs share, and then the GEMMs XLA itself runs for fp16 autodiff, operand for operand: the
+        weight gradient as (g^T x)^T, as autodiff writes it (x^T g sums in another order, and moved
+        the shipped recipe's parameters at its 5th step). Same bits, one producer less
+        (tests/test_precision.py: training steps bit-identical to plain autodiff's). Every other
+        backend keeps the fp16 GEMMs its hardware runs (`platform_dependent` picks the branch when
+        the step is lowered; tests/test_gpu_graph.py checks the CUDA graph). bf16 keeps plain
+        autodiff everywhere: XLA:CPU runs bf16 GEMMs natively on this kind of machine, and the
+        upcast there changes bits and saves nothing.
         """
         lead = tuple(range(x.ndim - 1))
         dims = (((x.ndim - 1,), (0,)), ((), ()))
@@ -170,8 +172,8 @@ class Policy:
             f32 = jnp.float32
             g32 = g.astype(f32)
             da = lax.dot_general(g32, w.astype(f32), (((g.ndim - 1,), (1,)), ((), ())), precision=precision)
-            dw = lax.dot_general(a.astype(f32), g32, ((lead, lead), ((), ())), precision=precision)
-            return da.astype(a.dtype), dw.astype(w.dtype)
+            dw_t = lax.dot_general(g32, a.astype(f32), ((lead, lead), ((), ())), precision=precision)
+            return da.astype(a.dtype), dw_t.astype(w.dtype).T
 
         def dot_bwd(res, g):
             return lax.platform_dependent(*res, g, cpu=upcast, default=native)
