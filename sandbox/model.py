@@ -75,25 +75,18 @@ class Dense(nn.Dense):
 
     `bias_add` is the policy's `add_broadcast`; nn.Dense's own `y += bias` would sum the bias
     gradient in the compute dtype, add by add (Policy.add_broadcast says why that is wrong).
-    Always with a bias, and the dot from `dot_general_cls` (fp8 and the recipes), else the policy's
-    `dense_dot` (the plain dot, with one fp16 rule on CPU) or lax.dot_general.
+    Always with a bias, and the dot from `dot_general_cls` or lax.dot_general (the model's uses).
     """
 
     bias_add: Callable[[jax.Array, jax.Array], jax.Array] = jnp.add
-    dense_dot: Callable[..., jax.Array] | None = None  # the policy's dense_dot (None: lax.dot_general)
 
     @nn.compact
     def __call__(self, inputs: jax.Array) -> jax.Array:
         kernel = self.param("kernel", self.kernel_init, (jnp.shape(inputs)[-1], self.features), self.param_dtype)
         bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
         inputs, kernel, bias = self.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
-        dims = (((inputs.ndim - 1,), (0,)), ((), ()))
-        if self.dot_general_cls is not None:
-            y = self.dot_general_cls()(inputs, kernel, dims, precision=self.precision)
-        elif self.dense_dot is not None:
-            y = self.dense_dot(inputs, kernel, precision=self.precision)
-        else:
-            y = lax.dot_general(inputs, kernel, dims, precision=self.precision)
+        dot_general = self.dot_general_cls() if self.dot_general_cls is not None else lax.dot_general
+        y = dot_general(inputs, kernel, (((inputs.ndim - 1,), (0,)), ((), ())), precision=self.precision)
         return self.bias_add(y, bias)
 
 
@@ -108,8 +101,7 @@ class Block(nn.Module):
         dot_cls = p.dot_general_cls(block=self.index, n_layer=self.cfg.n_layer)
         return Dense(features, name=name, dtype=p.compute_dtype, param_dtype=p.param_dtype,
                      precision=p.precision, dot_general_cls=dot_cls,
-                     kernel_init=nn.initializers.normal(self.cfg.init_std), bias_add=p.add_broadcast,
-                     dense_dot=p.dense_dot)
+                     kernel_init=nn.initializers.normal(self.cfg.init_std), bias_add=p.add_broadcast)
 
     def norm(self, name: str) -> nn.LayerNorm:
         # Flax computes LayerNorm statistics in fp32 whatever the dtype.

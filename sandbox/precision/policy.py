@@ -133,54 +133,6 @@ class Policy:
         wide.defvjp(wide_fwd, wide_bwd)
         return wide(x, y)
 
-    def dense_dot(self, x: jax.Array, kernel: jax.Array, precision=None) -> jax.Array:
-        """A dense layer's GEMM, `x[..., d] @ kernel[d, f]`, its result in the operands' dtype.
-
-        The plain dot, forward and backward, except for fp16 operands on CPU. XLA:CPU has no fp16
-        GEMM: it runs each one as an fp32 GEMM on upcast operands and rounds the result to fp16, and
-        it inserts those upcasts after its common-subexpression pass. The output's cotangent, read by
-        both backward GEMMs, was therefore upcast once per GEMM, and its whole elementwise producer
-        (GELU's derivative: some 40 fp16 ops, each rounding through a convert pair on x86) fused
-        into every upcast: computed three times with the bias sum's fp32 copy, now twice, ~10% of
-        an fp16 step (docs/scaling.md). Here the backward writes the upcast out, one op that both
-        GEMMs share, and then the GEMMs XLA itself runs for fp16 autodiff, operand for operand: the
-        weight gradient as (g^T x)^T, as autodiff writes it (x^T g sums in another order, and moved
-        the shipped recipe's parameters at its 5th step). Same bits, one producer less
-        (tests/test_precision.py: training steps bit-identical to plain autodiff's). Every other
-        backend keeps the fp16 GEMMs its hardware runs (`platform_dependent` picks the branch when
-        the step is lowered; tests/test_gpu_graph.py checks the CUDA graph). bf16 keeps plain
-        autodiff everywhere: XLA:CPU runs bf16 GEMMs natively on this kind of machine, and the
-        upcast there changes bits and saves nothing.
-        """
-        lead = tuple(range(x.ndim - 1))
-        dims = (((x.ndim - 1,), (0,)), ((), ()))
-        if x.dtype != jnp.float16 or kernel.dtype != x.dtype:
-            return lax.dot_general(x, kernel, dims, precision=precision)
-
-        @jax.custom_vjp
-        def dot(a, w):
-            return lax.dot_general(a, w, dims, precision=precision)
-
-        def dot_fwd(a, w):
-            return dot(a, w), (a, w)
-
-        def native(a, w, g):
-            _, pullback = jax.vjp(lambda a_, w_: lax.dot_general(a_, w_, dims, precision=precision), a, w)
-            return pullback(g)
-
-        def upcast(a, w, g):
-            f32 = jnp.float32
-            g32 = g.astype(f32)
-            da = lax.dot_general(g32, w.astype(f32), (((g.ndim - 1,), (1,)), ((), ())), precision=precision)
-            dw_t = lax.dot_general(g32, a.astype(f32), ((lead, lead), ((), ())), precision=precision)
-            return da.astype(a.dtype), dw_t.astype(w.dtype).T
-
-        def dot_bwd(res, g):
-            return lax.platform_dependent(*res, g, cpu=upcast, default=native)
-
-        dot.defvjp(dot_fwd, dot_bwd)
-        return dot(x, kernel)
-
     # -- gradient sums over tokens ------------------------------------------
     # A bias, the learned positions and the embedding table each receive a gradient that sums the
     # cotangent over tokens (768 terms for a batch of 12 x 64). Plain autodiff sums in the operand's
