@@ -3,7 +3,9 @@ bundle) must stay bit-identical to tests/golden/curves.json across refactors.
 
 The curves were recorded before the architecture change of issue 16 (`python -m tests.golden.runs
 --record`); a change that is meant to alter the numerics re-records them and says why. A default
-subset runs in every test run; `-m slow` runs the rest.
+subset runs in every test run; `-m slow` runs the rest. Not every run sees every change: the tiny
+model's GEMMs are small, and a reordered fp16 weight-gradient sum (session 8, reverted) moved one
+golden run of three fp16 ones (fp16_noscale), which is therefore in the default subset.
 
 Re-recorded (session 6 of issue 18): the head logits and attention scores of 16-bit policies now hand
 the backward GEMMs a cotangent rounded to the compute dtype (`Policy.wide_dot`, as under PyTorch
@@ -27,7 +29,9 @@ import pytest
 from tests.golden.runs import CURVES, RUNS, run_one
 
 GOLDEN = json.loads(CURVES.read_text())
-DEFAULT = ("fp32", "bf16", "fp16_overflow", "fp8", "failure_bundle")
+# fp16_noscale is in the default set since session 8: a weight gradient summed in another order
+# (x^T g for (g^T x)^T) changed its grad norm, while fp16, fp16_overflow and the rest did not move.
+DEFAULT = ("fp32", "bf16", "fp16_overflow", "fp16_noscale", "fp8", "failure_bundle")
 
 
 def _check(name, tmp_path_factory):
