@@ -5,21 +5,56 @@ the properties that make the loop fast, on CPU:
 - no implicit device-to-host transfer anywhere in a run (an implicit one is a
   hidden host sync: `float(x)`, `bool(x)`, `np.asarray(x)` on a device array);
 - metrics reach the host only at log/eval/checkpoint intervals, a batch at a time;
-- one compilation of the step for the whole run (no retracing), and the state
-  is donated (its buffers reused in place).
+- one compilation of the step and of the eval step for the whole run (no
+  retracing), the step's started on a worker thread before the initial state
+  is built (train/ahead.py), and the state is donated (its buffers reused in
+  place).
 """
 
 from __future__ import annotations
 
+import threading
+import time
+
 import jax
 import pytest
+from jax._src import dispatch  # BACKEND_COMPILE_EVENT: the event name has no public constant
 
 from sandbox.logger import read_metrics
 from sandbox.train import loop
 
 
+class CompileLog:
+    """Backend compiles seen through jax.monitoring: (function name, thread) at start and at end."""
+
+    def __init__(self):
+        self.started: list[tuple[str, str]] = []
+        self.finished: list[str] = []
+
+    def on_start(self, event, value, **kw):
+        if event == dispatch.BACKEND_COMPILE_EVENT:
+            self.started.append((kw.get("fun_name", ""), threading.current_thread().name))
+
+    def on_end(self, event, duration, **kw):
+        if event == dispatch.BACKEND_COMPILE_EVENT:
+            self.finished.append(kw.get("fun_name", ""))
+
+    def count(self, name: str) -> int:
+        return sum(name in n for n in self.finished)
+
+
+@pytest.fixture
+def compile_log():
+    log = CompileLog()
+    jax.monitoring.register_scalar_listener(log.on_start)
+    jax.monitoring.register_event_duration_secs_listener(log.on_end)
+    yield log
+    jax.monitoring.unregister_scalar_listener(log.on_start)
+    jax.monitoring.unregister_event_duration_listener(log.on_end)
+
+
 @pytest.mark.parametrize("policy", ["fp32", "fp16"])
-def test_no_host_sync_between_intervals_and_one_compile(tiny, monkeypatch, policy):
+def test_no_host_sync_between_intervals_and_one_compile(tiny, monkeypatch, policy, compile_log):
     # fp16 with a scale that overflows the first few steps (2**20 / 2**k until the grads fit, then
     # updates): the overflow events are processed from metrics too.
     sets = ["training.steps=12", "training.log_every=4", "training.eval_every=8", "checkpoint.every=8",
@@ -44,7 +79,7 @@ def test_no_host_sync_between_intervals_and_one_compile(tiny, monkeypatch, polic
     assert result.status == "finished"
     # steps 1-4, 5-8 (log + eval + checkpoint), 9-12: three pulls of four rows each
     assert metric_pulls == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
-    assert trainer.run.step_fn._cache_size() == 1
+    assert compile_log.count("train_step") == 1 and compile_log.count("eval_step") == 1, compile_log.finished
     rows = [r for r in read_metrics(result.run_dir) if r["split"] == "train"]
     assert [r["step"] for r in rows] == list(range(1, 13))  # every step's metrics still logged
     if policy == "fp16":
@@ -61,10 +96,11 @@ def test_step_donates_the_state(tiny):
     assert leaf.is_deleted()  # the input buffer was given to the output, not copied
 
 
-def test_telemetry_every_n_steps_runs_a_lean_step_between(tiny):
+def test_telemetry_every_n_steps_runs_a_lean_step_between(tiny, compile_log):
     """precision.telemetry_every=4: telemetry on steps 4, 8, 10 (the last); the same training otherwise."""
     base = ["training.steps=10", "training.log_every=5", "precision.policy=bf16", "logging.progress=false"]
     full = loop.train(tiny("full", sets=base), quiet=True)
+    full_compiles = compile_log.count("train_step")
     lean_trainer = loop.Trainer(tiny("lean", sets=[*base, "precision.telemetry_every=4"]), quiet=True)
     lean = lean_trainer.train()
     rows = {n: [r for r in read_metrics(r.run_dir) if r["split"] == "train"] for n, r in
@@ -76,7 +112,34 @@ def test_telemetry_every_n_steps_runs_a_lean_step_between(tiny):
     assert [r["loss"] for r in rows["lean"]] == [r["loss"] for r in rows["full"]]
     same = jax.tree.map(lambda a, b: bool((a == b).all()), full.state.params, lean.state.params)
     assert all(jax.tree.leaves(same))
-    # each compiled once; the summary's fraction is the mean over the telemetry steps
-    assert lean_trainer.run.step_fn._cache_size() == 1 and lean_trainer.run.lean_step_fn._cache_size() == 1
+    # each variant compiled once; the summary's fraction is the mean over the telemetry steps
+    assert full_compiles == 1 and compile_log.count("train_step") == 1 + 2, compile_log.finished
     tele = [r["lost_update_frac"] for r in rows["lean"] if "lost_update_frac" in r]
     assert lean.summary["lost_update_frac"] == pytest.approx(sum(tele) / len(tele))
+
+
+def test_the_step_compiles_while_the_initial_state_is_built(tiny, monkeypatch, compile_log):
+    """The step's compile (seconds on a CPU) overlaps the initial state's, and runs once for the whole run.
+
+    The initial state is held back until the step's compile has started: today's trainer, which
+    compiled the step at its first call, after the initial state, would wait here in vain.
+    """
+    trainer = loop.Trainer(tiny(sets=["training.steps=6", "training.log_every=2", "training.eval_every=3",
+                                      "logging.progress=false"]), quiet=True)
+    real_init, seen = loop.initial_state, []
+
+    def init_once_the_step_compiles(run):
+        deadline = time.monotonic() + 60
+        while not any("train_step" in name for name, _ in compile_log.started) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        seen.extend(compile_log.started)
+        return real_init(run)
+
+    monkeypatch.setattr(loop, "initial_state", init_once_the_step_compiles)
+    result = trainer.train()
+    assert result.status == "finished"
+    step_compiles = [thread for name, thread in seen if "train_step" in name]
+    assert step_compiles and step_compiles[0] != threading.main_thread().name, seen
+    # compiled once each for the whole run: no compile again at the first call or the first evaluation
+    assert compile_log.count("train_step") == 1 and compile_log.count("eval_step") == 1, compile_log.finished
+    assert not any(t.name.startswith(loop.COMPILE_THREAD) for t in threading.enumerate())  # none outlives train()

@@ -2,7 +2,8 @@
 
 Everything else lives beside it: the builder (`setup.py`), the pure step
 (`step.py`) and its guard (`guard.py`), host-side metrics, events and the
-summary (`metrics.py`), validation (`evaluate.py`).
+summary (`metrics.py`), validation (`evaluate.py`), the step and eval
+executables compiled on a worker thread while the state is built (`ahead.py`).
 
 The device never waits on the host: at a log interval after step k the loop
 first dispatches step k+1, then reads the metrics of steps <= k (a batch of
@@ -43,6 +44,7 @@ from sandbox.memory import check_fits
 from sandbox.model import count_params
 from sandbox.reference import describe as describe_kl
 from sandbox.runs import write_run_config
+from sandbox.train.ahead import COMPILE_THREAD, compile_ahead
 from sandbox.train.evaluate import evaluate
 from sandbox.train.hooks import Hooks
 from sandbox.train.metrics import StepRecorder, guard_leaf_names, leaf_paths, name_list, summary
@@ -50,8 +52,8 @@ from sandbox.train.setup import Run, abstract_state, build, initial_state, place
 from sandbox.train.state import TrainState
 
 # Re-exported for callers of the pre-split loop (tests, scripts): the builder and host-side helpers.
-__all__ = ["EXIT_FAILURE", "Run", "RunResult", "Trainer", "apply_deterministic", "build", "guard_leaf_names",
-           "initial_state", "leaf_paths", "name_list", "place_batch", "train"]
+__all__ = ["COMPILE_THREAD", "EXIT_FAILURE", "Run", "RunResult", "Trainer", "apply_deterministic", "build",
+           "guard_leaf_names", "initial_state", "leaf_paths", "name_list", "place_batch", "train"]
 
 EXIT_FAILURE = 3  # a run that stopped on a non-finite value or stalled (summary.json: cause)
 DETERMINISTIC_FLAG = "--xla_gpu_deterministic_ops=true"
@@ -116,6 +118,10 @@ class Trainer:
         self.tb_dir = tb_dir
         self.stop_requested = False
         self.recorder: StepRecorder | None = None
+        # The step and eval compiles start now, on a worker thread, and overlap building the initial
+        # state (train/ahead.py); started only once the run directory is ours, so bad input fails fast.
+        # With precision.telemetry_every > 1 most steps, the first included, are lean ones.
+        self._join_compiles = compile_ahead(self.run, lean_first=self.run.lean_step_fn is not None)
 
     # ------------------------------------------------------------ helpers
     def _print(self, text: str) -> None:
@@ -242,6 +248,7 @@ class Trainer:
         finally:
             if batches is not None:
                 batches.close()
+            self._join_compiles()  # no compile thread outlives train(), whatever the way out
             self._restore_signal_handlers(old_handlers)
             self.log.close()
             self.ckpt.close()
