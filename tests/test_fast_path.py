@@ -15,13 +15,16 @@ from __future__ import annotations
 
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import jax
+import jax.numpy as jnp
 import pytest
 from jax._src import dispatch  # BACKEND_COMPILE_EVENT: the event name has no public constant
 
 from sandbox.logger import read_metrics
 from sandbox.train import loop
+from sandbox.train.ahead import Ahead
 
 
 class CompileLog:
@@ -143,3 +146,19 @@ def test_the_step_compiles_while_the_initial_state_is_built(tiny, monkeypatch, c
     # compiled once each for the whole run: no compile again at the first call or the first evaluation
     assert compile_log.count("train_step") == 1 and compile_log.count("eval_step") == 1, compile_log.finished
     assert not any(t.name.startswith(loop.COMPILE_THREAD) for t in threading.enumerate())  # none outlives train()
+
+
+def test_ahead_traces_on_the_calling_thread_and_compiles_on_the_worker():
+    """JAX's thread-local settings (e.g. a caller's default_matmul_precision) shape the program as at a jit's
+    first call: the function is traced where the trainer runs; the worker only compiles."""
+    traced_on = []
+
+    def f(x):
+        traced_on.append(threading.current_thread().name)
+        return x * 2
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix=loop.COMPILE_THREAD) as executor:
+        ahead = Ahead(jax.jit(f), (jax.ShapeDtypeStruct((3,), jnp.float32),), executor)
+        assert traced_on == [threading.current_thread().name]
+        assert ahead(jnp.arange(3.0)).tolist() == [0.0, 2.0, 4.0]
+    assert traced_on == [threading.current_thread().name]  # the call ran the executable: no second trace

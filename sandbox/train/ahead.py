@@ -5,8 +5,9 @@ to compile, and building its initial state takes ~1.5 s (one more compile).
 The trainer used to do them one after the other: the step compiled at its
 first call, after the initial state, and the eval step at the first
 evaluation. Now the trainer starts the compiles as soon as the run directory
-is ready, from the arguments' shapes (`jit(...).lower(shapes).compile()`), on
-one worker thread, while the main thread builds or restores the state.
+is ready: it traces and lowers them from the arguments' shapes
+(`jit(...).lower(shapes)`), then XLA compiles them on one worker thread while
+the main thread builds or restores the state.
 
 Same numbers: the executable comes from the same lowering of the same jitted
 function; only when it is compiled changes.
@@ -38,11 +39,16 @@ COMPILE_THREAD = "sandbox-compile"
 
 
 class Ahead:
-    """A jitted function's executable for fixed argument shapes; a call waits for its compile."""
+    """A jitted function's executable for fixed argument shapes; a call waits for its compile.
+
+    Traced and lowered here, on the calling thread, so JAX's thread-local settings (a caller's
+    `with jax.default_matmul_precision(...)`, say) shape the program as they did when the jit
+    traced at its first call; only XLA's compile, which reads none of them, runs on the worker.
+    """
 
     def __init__(self, jitted: Callable, args: tuple, executor: ThreadPoolExecutor):
         self.jitted = jitted
-        self.future = executor.submit(lambda: jitted.lower(*args).compile())
+        self.future = executor.submit(jitted.lower(*args).compile)
 
     def __call__(self, *args) -> Any:
         return self.future.result()(*args)

@@ -121,7 +121,11 @@ class Trainer:
         # The step and eval compiles start now, on a worker thread, and overlap building the initial
         # state (train/ahead.py); started only once the run directory is ours, so bad input fails fast.
         # With precision.telemetry_every > 1 most steps, the first included, are lean ones.
-        self._join_compiles = compile_ahead(self.run, lean_first=self.run.lean_step_fn is not None)
+        try:  # tracing happens here now: a model that fails to trace must not leave the directory locked
+            self._join_compiles = compile_ahead(self.run, lean_first=self.run.lean_step_fn is not None)
+        except BaseException:
+            self.run_lock.release()
+            raise
 
     # ------------------------------------------------------------ helpers
     def _print(self, text: str) -> None:
