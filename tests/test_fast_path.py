@@ -162,3 +162,15 @@ def test_ahead_traces_on_the_calling_thread_and_compiles_on_the_worker():
         assert traced_on == [threading.current_thread().name]
         assert ahead(jnp.arange(3.0)).tolist() == [0.0, 2.0, 4.0]
     assert traced_on == [threading.current_thread().name]  # the call ran the executable: no second trace
+
+
+def test_no_compile_thread_outlives_a_train_that_fails_before_its_first_step(tiny, monkeypatch):
+    trainer = loop.Trainer(tiny(sets=["training.steps=2", "logging.progress=false"]), quiet=True)
+
+    def broken_init(run):
+        raise RuntimeError("state could not be built")
+
+    monkeypatch.setattr(loop, "initial_state", broken_init)
+    with pytest.raises(RuntimeError, match="could not be built"):
+        trainer.train()
+    assert not any(t.name.startswith(loop.COMPILE_THREAD) for t in threading.enumerate())

@@ -23,6 +23,8 @@ Errors and threads: a compile error reaches the first call, as it did from
 the jit. The worker is not a daemon, and `join` waits for it (the trainer
 joins on every path out of `train()`): a daemon thread still inside XLA when
 the interpreter exits aborts the process (see data/batches.py's Prefetcher).
+So a run stopped before its first step returns once the compile under way
+ends (seconds); a second stop request aborts at once (sandbox/interrupts.py).
 """
 
 from __future__ import annotations
@@ -47,7 +49,6 @@ class Ahead:
     """
 
     def __init__(self, jitted: Callable, args: tuple, executor: ThreadPoolExecutor):
-        self.jitted = jitted
         self.future = executor.submit(jitted.lower(*args).compile)
 
     def __call__(self, *args) -> Any:

@@ -174,6 +174,12 @@ class Trainer:
 
     # ------------------------------------------------------------ main loop
     def train(self) -> RunResult:
+        try:
+            return self._train()
+        finally:
+            self._join_compiles()  # no compile thread outlives train(), whatever the way out
+
+    def _train(self) -> RunResult:
         cfg, run = self.cfg, self.run
         state = self.restore_or_init()
         start = int(state.step)
@@ -252,7 +258,6 @@ class Trainer:
         finally:
             if batches is not None:
                 batches.close()
-            self._join_compiles()  # no compile thread outlives train(), whatever the way out
             self._restore_signal_handlers(old_handlers)
             self.log.close()
             self.ckpt.close()
