@@ -124,8 +124,8 @@ def test_telemetry_every_n_steps_runs_a_lean_step_between(tiny, compile_log):
 def test_the_step_compiles_while_the_initial_state_is_built(tiny, monkeypatch, compile_log):
     """The step's compile (seconds on a CPU) overlaps the initial state's, and runs once for the whole run.
 
-    The initial state is held back until the step's compile has started: today's trainer, which
-    compiled the step at its first call, after the initial state, would wait here in vain.
+    The initial state is held back until the step's compile has started: a trainer that compiled
+    the step at its first call, after the initial state, would wait here in vain (60 s) and fail.
     """
     trainer = loop.Trainer(tiny(sets=["training.steps=6", "training.log_every=2", "training.eval_every=3",
                                       "logging.progress=false"]), quiet=True)

@@ -29,12 +29,14 @@ ends (seconds); a second stop request aborts at once (sandbox/interrupts.py).
 
 from __future__ import annotations
 
+import dataclasses
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 
+from sandbox.data.batches import Batch
 from sandbox.train.setup import Run
 
 COMPILE_THREAD = "sandbox-compile"
@@ -58,7 +60,8 @@ class Ahead:
 def abstract_batch(run: Run) -> dict:
     """The shapes of a placed batch (train and validation alike): [B, T] int32 token ids, split over the mesh."""
     shape = (run.cfg.training.batch_size, run.cfg.model.context)
-    return {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=run.batch_sharding) for k in ("inputs", "targets")}
+    return {f.name: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=run.batch_sharding)
+            for f in dataclasses.fields(Batch)}  # Batch.as_dict's keys
 
 
 def compile_ahead(run: Run, lean_first: bool = False) -> Callable[[], None]:
