@@ -5,12 +5,11 @@ from __future__ import annotations
 import glob
 import math
 
-from tensorboardX.proto.summary_pb2 import Summary
-from tensorboardX.summary import scalar
-
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
 from tensorboard.compat.proto.event_pb2 import Event
+from tensorboardX.proto.summary_pb2 import Summary
+from tensorboardX.summary import scalar
 
 from sandbox.logger import RunLogger, read_metrics, tb_tag
 from sandbox.train.loop import train
