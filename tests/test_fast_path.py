@@ -164,6 +164,23 @@ def test_ahead_traces_on_the_calling_thread_and_compiles_on_the_worker():
     assert traced_on == [threading.current_thread().name]  # the call ran the executable: no second trace
 
 
+def test_a_trainer_that_never_trains_compiles_nothing_in_the_background(tiny, compile_log):
+    """A Trainer built only to restore or evaluate (library use, several tests) starts no compile: the
+    compiles ahead begin with train(). Started in the constructor, they ran on after it for seconds,
+    burning CPU, holding the interpreter's exit, and landing in whatever ran next (another test's
+    count of its own compiles)."""
+    trainer = loop.Trainer(tiny(sets=["training.steps=2", "logging.progress=false"]), quiet=True)
+    try:
+        assert not any(t.name.startswith(loop.COMPILE_THREAD) for t in threading.enumerate())
+        time.sleep(0.5)  # a compile handed to a worker would have started by now
+        assert not [name for name, _ in compile_log.started if "train_step" in name or "eval_step" in name]
+        state = trainer.restore_or_init()
+        assert set(trainer.evaluate(state, batches=1)) >= {"ce"}  # evaluating compiles on this thread
+        assert all(thread == threading.current_thread().name for _, thread in compile_log.started)
+    finally:
+        trainer.run_lock.release()
+
+
 def test_no_compile_thread_outlives_a_train_that_fails_before_its_first_step(tiny, monkeypatch):
     trainer = loop.Trainer(tiny(sets=["training.steps=2", "logging.progress=false"]), quiet=True)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import jax
 import numpy as np
 import pytest
@@ -35,10 +37,10 @@ def test_initial_state_is_one_compile_and_bit_identical_to_op_by_op(tiny, policy
     cfg = tiny(sets=[f"precision.policy={policy}", "seed=7"])
     p = setup.parts(cfg)
     args = (p.model, p.full_tx, p.scaler, cfg.seed, cfg.model.context, cfg.forensics.spike_window)
-    compiles = []
+    compiles, here = [], threading.current_thread()
 
-    def listener(event, duration, **_):
-        if event == "/jax/core/compile/backend_compile_duration":
+    def listener(event, duration, **_):  # this thread's compiles: the listener hears every thread's
+        if event == "/jax/core/compile/backend_compile_duration" and threading.current_thread() is here:
             compiles.append(duration)
 
     monitoring.register_event_duration_secs_listener(listener)

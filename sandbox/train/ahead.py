@@ -4,10 +4,11 @@ Why (issue 18). On a 2-core CPU the shipped recipe's train step takes ~4.5 s
 to compile, and building its initial state takes ~1.5 s (one more compile).
 The trainer used to do them one after the other: the step compiled at its
 first call, after the initial state, and the eval step at the first
-evaluation. Now the trainer starts the compiles as soon as the run directory
-is ready: it traces and lowers them from the arguments' shapes
-(`jit(...).lower(shapes)`), then XLA compiles them on one worker thread while
-the main thread builds or restores the state.
+evaluation. Now `Trainer.train()` starts the compiles first thing: it traces
+and lowers them from the arguments' shapes (`jit(...).lower(shapes)`), then
+XLA compiles them on one worker thread while the main thread builds or
+restores the state. Not in the constructor: a trainer built only to restore
+or evaluate must leave no compile running behind it.
 
 Same numbers: the executable comes from the same lowering of the same jitted
 function; only when it is compiled changes.
@@ -68,14 +69,17 @@ def compile_ahead(run: Run, lean_first: bool = False) -> Callable[[], None]:
     """Swaps run.step_fn, run.lean_step_fn and run.eval_fn for `Ahead`s; returns `join`.
 
     They compile in the order a run needs them: the step variant the first step uses
-    (`lean_first`), the other variant, then the eval step.
+    (`lean_first`), the other variant, then the eval step. A function a caller has put in
+    their place that is not a jitted one (a wrapper that counts calls, say) is left as it is.
     """
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=COMPILE_THREAD)
     state, batch, frozen = run.abstract_state, abstract_batch(run), run.frozen
     steps = ["step_fn", "lean_step_fn"] if run.lean_step_fn is not None else ["step_fn"]
     for name in reversed(steps) if lean_first else steps:
-        setattr(run, name, Ahead(getattr(run, name), (state, batch, *frozen), executor))
-    run.eval_fn = Ahead(run.eval_fn, (state.params, state.fp8_meta, batch, *frozen), executor)
+        if hasattr(getattr(run, name), "lower"):
+            setattr(run, name, Ahead(getattr(run, name), (state, batch, *frozen), executor))
+    if hasattr(run.eval_fn, "lower"):
+        run.eval_fn = Ahead(run.eval_fn, (state.params, state.fp8_meta, batch, *frozen), executor)
     executor.shutdown(wait=False)  # the worker runs what was submitted, then ends
 
     def join() -> None:

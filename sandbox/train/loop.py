@@ -118,14 +118,6 @@ class Trainer:
         self.tb_dir = tb_dir
         self.stop_requested = False
         self.recorder: StepRecorder | None = None
-        # The step and eval compiles start now, on a worker thread, and overlap building the initial
-        # state (train/ahead.py); started only once the run directory is ours, so bad input fails fast.
-        # With precision.telemetry_every > 1 most steps, the first included, are lean ones.
-        try:  # tracing happens here now: a model that fails to trace must not leave the directory locked
-            self._join_compiles = compile_ahead(self.run, lean_first=self.run.lean_step_fn is not None)
-        except BaseException:
-            self.run_lock.release()
-            raise
 
     # ------------------------------------------------------------ helpers
     def _print(self, text: str) -> None:
@@ -174,10 +166,19 @@ class Trainer:
 
     # ------------------------------------------------------------ main loop
     def train(self) -> RunResult:
+        # The step and eval compiles start here, on a worker thread, and overlap building the initial
+        # state (train/ahead.py). Not in __init__: a trainer built only to restore or evaluate must not
+        # leave seconds of compiles running behind it. With precision.telemetry_every > 1 most steps,
+        # the first included, are lean ones.
+        try:  # tracing happens here: a model that fails to trace must not leave the directory locked
+            join_compiles = compile_ahead(self.run, lean_first=self.run.lean_step_fn is not None)
+        except BaseException:
+            self.run_lock.release()
+            raise
         try:
             return self._train()
         finally:
-            self._join_compiles()  # no compile thread outlives train(), whatever the way out
+            join_compiles()  # no compile thread outlives train(), whatever the way out
 
     def _train(self) -> RunResult:
         cfg, run = self.cfg, self.run
