@@ -6,6 +6,7 @@ interval); nothing here touches device arrays.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import shutil
@@ -66,6 +67,13 @@ def tb_tag(split: str, key: str) -> str | None:
     return f"{TB_GROUP_OF.get(key, 'other')}/{split}_{key}"
 
 
+@functools.cache
+def tb_value_tag(split: str, key: str) -> str | None:
+    """tb_tag(split, key) as tensorboardX's `scalar` cleans a tag (spaces, colons ...), worked out once."""
+    tag = tb_tag(split, key)
+    return None if tag is None else scalar(tag, 0.0).value[0].tag
+
+
 class RunLogger:
     def __init__(self, run_dir: Path, cfg_logging, total_steps: int, start_step: int = 0,
                  tb_dir: Path | None = None):
@@ -78,7 +86,6 @@ class RunLogger:
             self._truncate_after(path, start_step)
             self.jsonl = path.open("a", encoding="utf-8")
         self.tb = None
-        self._tb_tags: dict[tuple[str, str], str | None] = {}
         if cfg_logging.tensorboard and primary:
             self.tb = SummaryWriter(str(tb_dir or self.run_dir / "tb"), flush_secs=10)
         self.progress = None
@@ -126,18 +133,9 @@ class RunLogger:
             # from its tag as tensorboardX's `scalar` cleans it, looked up once per (split, key):
             # `scalar` itself costs ~7 us a value. Same bytes (tests/test_logger.py).
             values = [Summary.Value(tag=tag, simple_value=float(v)) for k, v in scalars.items()
-                      if (tag := self._tb_tag(split, k)) is not None]
+                      if (tag := tb_value_tag(split, k)) is not None]
             if values:
                 self.tb.file_writer.add_summary(Summary(value=values), step)
-
-    def _tb_tag(self, split: str, key: str) -> str | None:
-        """tb_tag(split, key) cleaned as tensorboardX's `scalar` cleans a tag, memoised."""
-        try:
-            return self._tb_tags[split, key]
-        except KeyError:
-            tag = tb_tag(split, key)
-            tag = self._tb_tags[split, key] = None if tag is None else scalar(tag, 0.0).value[0].tag
-            return tag
 
     def histograms(self, step: int, hists: dict[str, tuple[list[int], Any]]) -> None:
         """Integer-binned histograms {name: (bin values, counts)}: one JSONL row (split "scale_hist",

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import pytest
 from jax._src import dispatch  # BACKEND_COMPILE_EVENT: the event name has no public constant
 
+from sandbox import rundir
 from sandbox.logger import read_metrics
 from sandbox.train import loop
 from sandbox.train.ahead import Ahead
@@ -191,3 +192,4 @@ def test_no_compile_thread_outlives_a_train_that_fails_before_its_first_step(tin
     with pytest.raises(RuntimeError, match="could not be built"):
         trainer.train()
     assert not any(t.name.startswith(loop.COMPILE_THREAD) for t in threading.enumerate())
+    rundir.DirLock.acquire(trainer.run_dir).release()  # nor does the run directory's lock

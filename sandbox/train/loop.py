@@ -106,7 +106,7 @@ class Trainer:
         self.resume = resume
         self.quiet = quiet
         self.capture = capture
-        self.run_lock = prepare_run_dir(cfg, resume, overwrite)  # held until train() returns
+        self.run_lock = prepare_run_dir(cfg, resume, overwrite)  # held until train() ends
         self.run_dir = cfg.run_dir
         try:  # a resume's new config is checked against the checkpoint before config.yaml changes
             write_run_config(self.run_dir, cfg, resume, report=self._print, state_shapes=abstract_state)
@@ -166,19 +166,16 @@ class Trainer:
 
     # ------------------------------------------------------------ main loop
     def train(self) -> RunResult:
-        # The step and eval compiles start here, on a worker thread, and overlap building the initial
-        # state (train/ahead.py). Not in __init__: a trainer built only to restore or evaluate must not
-        # leave seconds of compiles running behind it. With precision.telemetry_every > 1 most steps,
-        # the first included, are lean ones.
-        try:  # tracing happens here: a model that fails to trace must not leave the directory locked
+        with self.run_lock:  # released whatever the way out: finished, stopped, failed, or raised
+            # The step and eval compiles start here, on a worker thread, and overlap building the
+            # initial state (train/ahead.py). Not in __init__: a trainer built only to restore or
+            # evaluate must not leave seconds of compiles running behind it. With
+            # precision.telemetry_every > 1 most steps, the first included, are lean ones.
             join_compiles = compile_ahead(self.run, lean_first=self.run.lean_step_fn is not None)
-        except BaseException:
-            self.run_lock.release()
-            raise
-        try:
-            return self._train()
-        finally:
-            join_compiles()  # no compile thread outlives train(), whatever the way out
+            try:
+                return self._train()
+            finally:
+                join_compiles()  # no compile thread outlives train(), whatever the way out
 
     def _train(self) -> RunResult:
         cfg, run = self.cfg, self.run
@@ -268,7 +265,6 @@ class Trainer:
                     data_info=run.pipeline.info, compute_dtype=run.policy.compute_dtype)
         if sharding.is_primary_process():  # multi-host: one writer (the others hold no lock either)
             rundir.atomic_write(self.run_dir / "summary.json", json.dumps(s, indent=2))
-        self.run_lock.release()
         return RunResult(self.run_dir, s, status, bundle, state)
 
     def _read(self, state: TrainState, keep: int) -> int | None:
