@@ -1,15 +1,67 @@
-"""Shared test helpers: tiny configs that compile and train in seconds on CPU."""
+"""Shared test helpers: tiny configs that compile and train in seconds on CPU, and a compile cache.
+
+The compile cache. About four fifths of the default suite's time on a 2-core CPU is XLA compiling
+(a tiny run's train step takes ~3-7 s to compile, its initial state and eval step ~1-2 s each), and
+a quarter of that time goes to programs the same test process has compiled before: a resumed
+run, a second run of a config, a lesson's repeats. So each test process (each xdist worker, and
+every subprocess a test starts, through the inherited JAX_COMPILATION_CACHE_DIR) uses JAX's
+persistent compilation cache in a directory of its own that `pytest_configure` creates and
+`pytest_unconfigure` removes. JAX keys an entry on the whole program, the compile options, the
+devices and the JAX/XLA versions, and a hit is the executable that compile produced, so a hit
+computes the same bits. The product itself never turns the cache on: it would run compiled code
+loaded from disk (docs/scaling.md, "Not taken").
+
+Tests that watch compiles happen (tests/test_fast_path.py, test_state.py), and the golden curves,
+which hold the product's numerics as a cold run computes them, use the `fresh_compiles` fixture:
+inside it every program is compiled by XLA again.
+"""
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
+import jax
 import pytest
+from jax._src import compilation_cache  # reset_cache: the only way to switch the cache off after its first use
 
 from sandbox import config as config_lib
 
 REPO = Path(__file__).resolve().parents[1]
 SHAKESPEARE = REPO / "sandbox" / "data" / "corpora" / "tinyshakespeare.txt"  # shipped: never skipped
+
+COMPILE_CACHE_MIN_SECONDS = 0.5  # below this a compile is not cached (JAX's default: 1 s)
+_CACHE_DIR = pytest.StashKey[str]()
+
+
+def pytest_configure(config):
+    cache = tempfile.mkdtemp(prefix="sandbox-tests-xla-cache-")
+    config.stash[_CACHE_DIR] = cache
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = cache  # the subprocesses tests start
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = str(COMPILE_CACHE_MIN_SECONDS)
+    jax.config.update("jax_compilation_cache_dir", cache)  # this process
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", COMPILE_CACHE_MIN_SECONDS)
+
+
+def pytest_unconfigure(config):
+    cache = config.stash.get(_CACHE_DIR, None)
+    if cache:  # the directory pytest_configure made, and nothing else
+        shutil.rmtree(cache, ignore_errors=True)
+
+
+@pytest.fixture
+def fresh_compiles():
+    """No compile cache inside the test: every program is compiled by XLA, as in a product run."""
+    jax.config.update("jax_enable_compilation_cache", False)
+    compilation_cache.reset_cache()  # JAX decides once whether the cache is used; ask it again
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_compilation_cache", True)
+        compilation_cache.reset_cache()
+
 
 TINY = {
     "model": {"context": 32, "n_layer": 1, "n_head": 2, "d_model": 64},

@@ -48,7 +48,7 @@ class CompileLog:
 
 
 @pytest.fixture
-def compile_log():
+def compile_log(fresh_compiles):
     log = CompileLog()
     jax.monitoring.register_scalar_listener(log.on_start)
     jax.monitoring.register_event_duration_secs_listener(log.on_end)

@@ -25,7 +25,7 @@ def test_initial_state_dtypes_by_kind(tiny, policy):
 
 
 @pytest.mark.parametrize("policy", ["fp32", "fp8", "nvfp4"])
-def test_initial_state_is_one_compile_and_bit_identical_to_op_by_op(tiny, policy):
+def test_initial_state_is_one_compile_and_bit_identical_to_op_by_op(tiny, policy, fresh_compiles):
     # Op-by-op (eager) Flax init compiles every primitive on its own: ~90 compiles, 5-8 s of a cold
     # run's start on a 2-core CPU. Under one jit it is one compile, and must give the same bits as
     # op by op (the golden curves start from those): XLA's algebraic simplifier would reassociate
