@@ -2,14 +2,15 @@
 
 The compile cache. About four fifths of the default suite's time on a 2-core CPU is XLA compiling
 (a tiny run's train step takes ~3-7 s to compile, its initial state and eval step ~1-2 s each), and
-a quarter of that time goes to programs the same test process has compiled before: a resumed
-run, a second run of a config, a lesson's repeats. So each test process (each xdist worker, and
-every subprocess a test starts, through the inherited JAX_COMPILATION_CACHE_DIR) uses JAX's
-persistent compilation cache in a directory of its own that `pytest_configure` creates and
-`pytest_unconfigure` removes. JAX keys an entry on the whole program, the compile options, the
-devices and the JAX/XLA versions, and a hit is the executable that compile produced, so a hit
-computes the same bits. The product itself never turns the cache on: it would run compiled code
-loaded from disk (docs/scaling.md, "Not taken").
+a quarter of that time went to programs compiled before in the same run: a resumed run, a second
+run of a config, a lesson's repeats, a CLI test's subprocess. So the test processes (pytest, its
+xdist workers, and every subprocess a test starts, through the inherited JAX_COMPILATION_CACHE_DIR)
+share JAX's persistent compilation cache, in a directory that the first pytest process's
+`pytest_configure` creates and its `pytest_unconfigure` removes; JAX's file lock keeps their reads
+and writes apart. JAX keys an entry on the whole program, the compile options, the devices and the
+JAX/XLA versions, and a hit is the executable that compile produced, so it computes the same bits.
+The product itself never turns the cache on: it would run compiled code loaded from disk
+(docs/scaling.md, "Not taken").
 
 Tests that watch compiles happen (tests/test_fast_path.py, test_state.py), and the golden curves,
 which hold the product's numerics as a cold run computes them, use the `fresh_compiles` fixture:
@@ -33,16 +34,23 @@ REPO = Path(__file__).resolve().parents[1]
 SHAKESPEARE = REPO / "sandbox" / "data" / "corpora" / "tinyshakespeare.txt"  # shipped: never skipped
 
 COMPILE_CACHE_MIN_SECONDS = 0.5  # below this a compile is not cached (JAX's default: 1 s)
+COMPILE_CACHE_MAX_BYTES = 8 << 30  # a limit turns on JAX's file lock: processes share the directory safely
+_CACHE_ENV = "SANDBOX_TESTS_COMPILE_CACHE"  # the directory, set by the pytest process that made it
 _CACHE_DIR = pytest.StashKey[str]()
 
 
 def pytest_configure(config):
-    cache = tempfile.mkdtemp(prefix="sandbox-tests-xla-cache-")
-    config.stash[_CACHE_DIR] = cache
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = cache  # the subprocesses tests start
-    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = str(COMPILE_CACHE_MIN_SECONDS)
-    jax.config.update("jax_compilation_cache_dir", cache)  # this process
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", COMPILE_CACHE_MIN_SECONDS)
+    cache = os.environ.get(_CACHE_ENV) if os.environ.get("PYTEST_XDIST_WORKER") else None
+    if cache is None:  # the first pytest process (xdist's controller): it makes the directory and owns it
+        cache = tempfile.mkdtemp(prefix="sandbox-tests-xla-cache-")
+        config.stash[_CACHE_DIR] = cache
+        os.environ[_CACHE_ENV] = cache
+    # the environment, for the workers' and the tests' subprocesses; jax.config for this process
+    settings = {"jax_compilation_cache_dir": cache, "jax_compilation_cache_max_size": COMPILE_CACHE_MAX_BYTES,
+                "jax_persistent_cache_min_compile_time_secs": COMPILE_CACHE_MIN_SECONDS}
+    for name, value in settings.items():
+        os.environ[name.upper()] = str(value)
+        jax.config.update(name, value)
 
 
 def pytest_unconfigure(config):
