@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHAKESPEARE = REPO / "sandbox" / "data" / "corpora" / "tinyshakespeare.txt"  # shipped: never skipped
 
 COMPILE_CACHE_MIN_SECONDS = 0.5  # below this a compile is not cached (JAX's default: 1 s)
-COMPILE_CACHE_MAX_BYTES = 8 << 30  # a limit turns on JAX's file lock: processes share the directory safely
+COMPILE_CACHE_MAX_BYTES = 8 << 30  # a limit turns on JAX's file lock (filelock, in the test extra): shared safely
 _CACHE_ENV = "SANDBOX_TESTS_COMPILE_CACHE"  # the directory, set by the pytest process that made it
 _CACHE_DIR = pytest.StashKey[str]()
 
