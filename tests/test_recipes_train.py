@@ -120,7 +120,8 @@ def test_train_step_rounding_key_is_a_function_of_the_run_seed(tiny):
     a, _ = _one_step(run)
     b, _ = _one_step(run, seed=1)
     again, _ = _one_step(run)
-    assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(again)))
+    # equal_nan: the guard's loss window holds NaN for its empty slots
+    assert all(np.array_equal(x, y, equal_nan=True) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(again)))
     mu_a, mu_b = (s.opt_state[1][0].mu for s in (a, b))  # (clip, then adamw's ScaleByAdamState)
     assert not np.array_equal(mu_a["block_0"]["qkv"]["kernel"], mu_b["block_0"]["qkv"]["kernel"])
 
