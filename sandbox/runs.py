@@ -11,8 +11,12 @@ Resuming with a changed config (`check_resume`): the new config is compared,
 key by key, with the config the newest checkpoint was saved with (its JSON
 record; `config.yaml` when no record is readable). Only `RESUME_MAY_CHANGE`
 may differ: how long the run goes on, how often it evaluates, logs and
-saves, and where logs and caches go. None of them touches the saved state
-or what a step computes. Any other change (a policy, a learning rate, a
+saves, where logs and caches go, and the device mesh. None of them touches
+the saved state or what a step computes. The mesh only places it: orbax
+restores a checkpoint onto any mesh, so a run moves to fewer or more devices
+by resuming; its sums over devices may then add in another order, so a note
+says the resumed steps match the old mesh's to rounding, not bit for bit.
+Any other change (a policy, a learning rate, a
 model shape) is refused with the list of changed keys, before anything in
 the run directory changes; a change of shapes says so, instead of orbax's
 tree-mismatch message at restore time. `training.steps` is allowed, but the
@@ -39,7 +43,7 @@ StateShapes = Callable[[config_lib.Config], Any]
 
 # Keys a resume may change (a trailing "." covers a section); the error message lists them.
 RESUME_MAY_CHANGE = ("training.steps", "training.eval_every", "training.eval_batches", "training.log_every",
-                     "checkpoint.every", "checkpoint.keep", "logging.", "data.prefetch", "data.cache_dir")
+                     "checkpoint.every", "checkpoint.keep", "logging.", "data.prefetch", "data.cache_dir", "mesh.")
 # Keys that name the directory, not the run (`runs` and `/abs/runs` are the same run): never compared.
 IDENTITY_KEYS = ("name", "run_root")
 SHOWN_VALUE_CHARS = 40
@@ -137,6 +141,10 @@ def check_resume(run_dir: Path, cfg: config_lib.Config, state_shapes: StateShape
     if changes:
         notes.append("resuming with changed " + ", ".join(f"{k} {_shown(a)} -> {_shown(b)}"
                                                            for k, (a, b) in changes.items()))
+    if any(k.startswith("mesh.") for k in changes):
+        notes.append("resuming on another mesh: the checkpoint is resharded onto it, and the steps' sums over "
+                     "devices may add in another order, so the run goes on as it would have on the old mesh "
+                     "to rounding, not bit for bit")
     if "training.steps" in changes:
         (a, b) = changes["training.steps"]
         if cfg.optimizer.decay_steps:

@@ -152,3 +152,15 @@ def test_changes_to_the_maths_are_refused(tmp_path, key, value):
 def test_no_previous_config_means_nothing_to_compare(tmp_path):
     cfg = config_lib.from_dict(_raw(tmp_path))
     assert check_resume(tmp_path / "runs" / "r", cfg) == []
+
+
+def test_a_resume_onto_another_mesh_is_accepted_and_says_it_matches_to_rounding_only(tmp_path):
+    # A checkpoint restores onto any mesh (orbax reshards it; tests/test_sharding.py resumes a 2x2 run on
+    # one device), so moving a run to fewer or more devices is a resume, not a new run. What a step
+    # computes is the same, but its sums over devices may add in another order.
+    run_dir, cfg = _run_with_config_yaml(tmp_path, **{"mesh.data": 2, "mesh.fsdp": 2})
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config_lib.to_dict(cfg)))
+    cfg = config_lib.replace(cfg, mesh={"data": -1, "fsdp": 1})
+    notes = check_resume(run_dir, cfg)
+    assert "mesh.data 2 -> -1" in notes[0] and "mesh.fsdp 2 -> 1" in notes[0]
+    assert any("another mesh" in n and "not bit for bit" in n for n in notes), notes

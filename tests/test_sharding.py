@@ -169,7 +169,7 @@ trainer = Trainer(cfg, resume=True, quiet=True)
 state = trainer.restore_or_init()
 w = state.params["embed"]["embedding"]
 same = bool(np.array_equal(np.asarray(w), np.load(tmp / "embed.npy")))
-res = Trainer(cfg, resume=True, quiet=True).train()
+res = trainer.train()  # one trainer: it holds the run directory's lock from construction to the end of train()
 print(json.dumps({"step": int(state.step), "same": same, "devices": len(w.devices()), "status": res.status,
                   "final_step": res.summary["steps"]}))
 """
