@@ -12,16 +12,16 @@ key by key, with the config the newest checkpoint was saved with (its JSON
 record; `config.yaml` when no record is readable). Only `RESUME_MAY_CHANGE`
 may differ: how long the run goes on, how often it evaluates, logs and
 saves, where logs and caches go, and the device mesh. None of them touches
-the saved state or what a step computes. The mesh only places it: orbax
-restores a checkpoint onto any mesh, so a run moves to fewer or more devices
-by resuming; its sums over devices may then add in another order, so a note
-says the resumed steps match the old mesh's to rounding, not bit for bit.
-Any other change (a policy, a learning rate, a
-model shape) is refused with the list of changed keys, before anything in
-the run directory changes; a change of shapes says so, instead of orbax's
-tree-mismatch message at restore time. `training.steps` is allowed, but the
-learning-rate schedule spans it (unless `optimizer.decay_steps` fixes it),
-so the resumed steps follow a different schedule: a note says so.
+the saved state. The mesh only places it: orbax restores a checkpoint onto
+any mesh, so a run moves to fewer or more devices by resuming; but a step's
+sums over devices may then add in another order, so a note says the resumed
+steps match the old mesh's to rounding, not bit for bit.
+Any other change (a policy, a learning rate, a model shape) is refused with
+the list of changed keys, before anything in the run directory changes; a
+change of shapes says so, instead of orbax's tree-mismatch message at
+restore time. `training.steps` is allowed, but the learning-rate schedule
+spans it (unless `optimizer.decay_steps` fixes it), so the resumed steps
+follow a different schedule: a note says so.
 """
 
 from __future__ import annotations
