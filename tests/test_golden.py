@@ -1,6 +1,12 @@
 """Golden curves: 30 steps of each shipped policy (plus an fp16 overflow run, a KL run and a failure
 bundle) must stay bit-identical to tests/golden/curves.json across refactors.
 
+The record is per machine class (tests/golden/runs.py says why: XLA:CPU's bits depend on the processor
+and the CPUs the process may use). On a recorded machine every run is compared bit for bit. On any
+other machine bit-identity cannot be checked (`test_this_machine_has_a_golden_record` skips and says
+how to add a record); every run still has to reproduce what all recorded machines agree on: its status,
+skip pattern and loss-scale trajectory exactly, and its losses within CROSS_MACHINE_LOSS_RTOL.
+
 The curves were recorded before the architecture change of issue 16 (`python -m tests.golden.runs
 --record`); a change that is meant to alter the numerics re-records them and says why. A default
 subset runs in every test run; `-m slow` runs the rest. Not every run sees every change: the tiny
@@ -22,13 +28,19 @@ skip pattern and loss-scale trajectory is unchanged; fp32, tf32, kl and the bund
 
 from __future__ import annotations
 
-import json
+import math
 
 import pytest
 
-from tests.golden.runs import CURVES, RUNS, run_one
+from tests.golden.runs import RUNS, load_records, machine_key, run_one
 
-GOLDEN = json.loads(CURVES.read_text())
+RECORDS = load_records()
+HERE = RECORDS.get(machine_key())  # None: no record for this machine class
+# Measured between the two recorded machines (tests/golden/runs.py): largest relative loss difference
+# 7.6e-3 (fp8, 30 steps). A deliberate numerics change moved losses by 2e-4 to 3.2e-2 (see below), so
+# off a recorded machine only a larger change is caught: the exact checks there are status, skips, scales.
+CROSS_MACHINE_LOSS_RTOL = 3e-2
+EVERY_MACHINE = ("status", "applied", "loss_scale")  # the same on every recorded machine (tested below)
 # The golden curves hold the numerics of a cold run: every program compiled by XLA, none from the
 # test processes' compile cache (conftest.py).
 pytestmark = pytest.mark.usefixtures("fresh_compiles")
@@ -42,13 +54,44 @@ def _check(name, tmp_path_factory):
     if name == "kl" and not (root / "fp32").exists():
         run_one("fp32", root)  # the KL run's reference
     got = run_one(name, root)
-    want = GOLDEN[name]
-    for key in want:
-        assert got[key] == want[key], f"{name}: {key} differs from the golden record"
+    if HERE is not None:
+        for key in HERE[name]:
+            assert got[key] == HERE[name][key], f"{name}: {key} differs from this machine's golden record"
+        return
+    for machine, record in RECORDS.items():
+        for key in EVERY_MACHINE:
+            assert got[key] == record[name][key], f"{name}: {key} differs from the record of {machine}"
+        assert _losses_close(got["loss"], record[name]["loss"]), f"{name}: losses far from the record of {machine}"
 
 
-def test_every_golden_run_is_recorded():
-    assert set(GOLDEN) == set(RUNS)
+def _floats(curve: list[str]) -> list[float]:
+    return [float(x.strip("'")) for x in curve]  # 'nan' is recorded quoted
+
+
+def _losses_close(a: list[str], b: list[str]) -> bool:
+    return len(a) == len(b) and all(
+        (math.isnan(x) and math.isnan(y)) or math.isclose(x, y, rel_tol=CROSS_MACHINE_LOSS_RTOL)
+        for x, y in zip(_floats(a), _floats(b)))
+
+
+def test_every_golden_run_is_recorded_for_every_machine_and_the_machines_agree_where_they_must():
+    assert RECORDS
+    for machine, record in RECORDS.items():
+        assert set(record) == set(RUNS), machine
+    first, *others = RECORDS.values()
+    for other in others:
+        for name in RUNS:
+            for key in EVERY_MACHINE:
+                assert other[name][key] == first[name][key], (name, key)
+            assert _losses_close(other[name]["loss"], first[name]["loss"]), name
+
+
+def test_this_machine_has_a_golden_record():
+    if HERE is None:
+        pytest.skip(f"no golden record for this machine ({machine_key()}): the curves are checked against the "
+                    f"other machines' records to {CROSS_MACHINE_LOSS_RTOL:g} and exact skips, not bit for bit; "
+                    f"`python -m tests.golden.runs --add-machine` on a commit whose numerics are unchanged adds one")
+    assert set(HERE) == set(RUNS)
 
 
 @pytest.mark.parametrize("name", DEFAULT)

@@ -40,14 +40,12 @@ def test_every_guard_flag_is_a_bool(tiny, mode, nan_policy):
 
 # ---------------------------------------------------------------- one step against the golden curves
 
-import json  # noqa: E402
-
 import numpy as np  # noqa: E402
 
 from sandbox import config as config_lib  # noqa: E402
-from tests.golden.runs import COMMON, CURVES, REPO, RUNS  # noqa: E402
+from tests.golden.runs import COMMON, REPO, RUNS, load_records, machine_key  # noqa: E402
 
-GOLDEN = json.loads(CURVES.read_text())
+GOLDEN = load_records().get(machine_key())  # None: no record for this machine class (tests/golden/runs.py)
 POLICY_RUNS = ("fp32", "bf16", "fp16", "fp8", "tf32", "bf16_pure", "fp16_noscale", "naive_softmax", "fp16_overflow")
 FAST = ("fp32", "fp16_overflow", "fp8")
 
@@ -66,17 +64,19 @@ def test_one_step_metrics_match_the_golden_curve_and_state_dtypes_hold(name, tmp
     state = setup.initial_state(run)
     new_state, m = run.step_fn(state, setup.place_batch(run, run.pipeline.train_batch(0)))
     m, new_state = jax.device_get((m, new_state))
-    want = GOLDEN[name]
-    for key in ("loss", "grad_norm", "loss_scale"):
-        got, expected = float(m[key]), _golden_value(want[key][0])
-        assert got == expected or (np.isnan(got) and np.isnan(expected)), (key, got, expected)
-    assert float(m["applied"]) == _golden_value(want["applied"][0])
     assert new_state.loss_scale.scale.dtype == np.float32 and new_state.loss_scale.good_steps.dtype == np.int32
     assert {leaf.dtype for leaf in jax.tree.leaves(new_state.fp8_meta)} <= {np.dtype(np.float32)}
     assert bool(new_state.fp8_meta) == (name == "fp8")
     for field, leaf in new_state.guard._asdict().items():
         assert leaf.dtype == (np.float32 if field == "loss_window" else np.int32), field
     assert new_state.step.dtype == np.int32 and new_state.opt_step.dtype == np.int32 and int(new_state.step) == 1
+    if GOLDEN is None:
+        pytest.skip(f"dtypes hold; no golden record for this machine ({machine_key()}, tests/golden/runs.py)")
+    want = GOLDEN[name]
+    for key in ("loss", "grad_norm", "loss_scale"):
+        got, expected = float(m[key]), _golden_value(want[key][0])
+        assert got == expected or (np.isnan(got) and np.isnan(expected)), (key, got, expected)
+    assert float(m["applied"]) == _golden_value(want["applied"][0])
 
 
 def test_telemetry_is_a_step_context_field_not_a_second_model(tiny):
