@@ -63,6 +63,21 @@ def test_version_and_usage_error(capsys):
     assert err.startswith("error: sandbox: argument COMMAND: invalid choice: 'no-such-command'") and err.count("\n") == 1
 
 
+def test_the_cli_runs_from_a_source_tree_that_pip_never_installed(monkeypatch, capsys):
+    """`python -m sandbox` from a clone on PYTHONPATH has no package metadata; building the parser read it
+    for --version and every command failed with a traceback (found on a GPU machine, session 12)."""
+    from importlib import metadata
+
+    def not_installed(name):
+        raise metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(metadata, "version", not_installed)
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.startswith("sandbox ")
+    assert main(["floats", "70000"]) == 0 and "70000" in capsys.readouterr().out
+
+
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     assert main(["train", str(tmp_path / "missing.yaml")]) == 2
     err = capsys.readouterr().err

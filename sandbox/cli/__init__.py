@@ -37,9 +37,16 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"{self.prog}: {message}")
 
 
+def _version() -> str:
+    try:
+        return metadata.version("sandbox")
+    except metadata.PackageNotFoundError:  # run from a source tree on PYTHONPATH: pip never installed it
+        return "(not installed: no package metadata)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="sandbox", description="A JAX mixed-precision training lab.")
-    parser.add_argument("--version", action="version", version=f"sandbox {metadata.version('sandbox')}")
+    parser.add_argument("--version", action="version", version=f"sandbox {_version()}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     subparsers.required = True
     for group in COMMAND_GROUPS:
