@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import optax
 
 from sandbox import config as config_lib
+from sandbox.precision import exact
 from sandbox.train.setup import Run, build, initial_state, place_batch
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -140,7 +141,7 @@ def sandbox_variant(cfg: config_lib.Config, name: str = "sandbox", n_batches: in
     frozen = run.frozen
     # The same jit as the builder's, on a changed context (shardings from the same mesh).
     step_fn = run.jit_step(dataclasses.replace(run.ctx, **ctx_changes)) if ctx_changes else run.step_fn
-    fn = jax.jit(lambda s, b: step_fn(s, b, *frozen), donate_argnums=0) if frozen else step_fn
+    fn = exact.jit(lambda s, b: step_fn.__wrapped__(s, b, *frozen), donate_argnums=0) if frozen else step_fn
     batches = [place_batch(run, run.pipeline.train_batch(k)) for k in range(n_batches)]
     return Variant(name, fn, initial_state(run), batches, run_obj=run)
 
@@ -169,7 +170,7 @@ def bare_variant(cfg: config_lib.Config, like: Variant) -> Variant:
     state = initial_state(run)
     tx = run.parts.full_tx
     carry = (state.params, tx.init(state.params), state.fp8_meta)
-    fn = jax.jit(bare_step(run.parts.model, tx, run.policy), donate_argnums=0)
+    fn = exact.jit(bare_step(run.parts.model, tx, run.policy), donate_argnums=0)
     return Variant("bare", fn, carry, like.batches, run_obj=run)
 
 

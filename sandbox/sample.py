@@ -15,6 +15,7 @@ import numpy as np
 
 from sandbox import infotheory
 from sandbox.data import tokenizer_for
+from sandbox.precision import exact
 from sandbox.train.setup import load_run_state, parts
 
 
@@ -41,7 +42,7 @@ def generate(model, params, fp8_meta, prompt_ids, *, max_tokens: int, context: i
     if fp8_meta:
         variables["fp8_meta"] = fp8_meta
 
-    @jax.jit
+    @exact.jit
     def next_token(window, length, key):
         logits = jax.lax.dynamic_index_in_dim(model.apply(variables, window[None, :])[0], length - 1,
                                               keepdims=False)

@@ -24,6 +24,12 @@ embedding table, sums over tokens, accumulate in fp32 and round once (`Policy.ad
 `Policy.lookup`) instead of adding in the 16-bit compute dtype term by term. The same seven runs moved
 (largest per-step loss change 3.2e-2 on bf16_pure, 4.5e-3 bf16, 2.2e-3 fp8, 2e-4 fp16); every run's
 skip pattern and loss-scale trajectory is unchanged; fp32, tf32, kl and the bundle stayed bit-identical.
+
+Re-recorded (session 12), on the 2-CPU Intel Xeon only (the AMD record was dropped, now stale): every
+program compiles with XLA's excess precision off (sandbox/precision/exact.py), so a bf16 matmul's
+output is rounded to bf16 even where it is widened next. bf16, bf16_pure and fp8 moved (largest
+per-step loss change 1.0e-3, 2.1e-2, 2.1e-2); every fp16 run, fp32, tf32, kl and the bundle stayed
+bit-identical, and every skip pattern and loss-scale trajectory is unchanged.
 """
 
 from __future__ import annotations

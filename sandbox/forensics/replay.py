@@ -63,6 +63,7 @@ from sandbox.forensics.causes import classify_divergence, logit_growth
 from sandbox.forensics.localize import Localization, Origin, format_origin, localize
 from sandbox.forensics.remedies import (RANGE_CAUSES, SCALE_PROBE_FACTOR, Remedy, RunFacts, growth_remedies,
                                         suggest)
+from sandbox.precision import exact
 from sandbox.train import step as step_lib
 from sandbox.train.setup import build, initial_state
 
@@ -134,7 +135,7 @@ def _localize_grads(ctx, state, batch, step: int, frozen=None, scale=None) -> Lo
     """
     n = ctx.accum_steps
     beta = step_lib.kl_beta(ctx, state.step)
-    ref_fn = jax.jit(ctx.kl.logits) if ctx.kl else None  # one compile for all microbatches
+    ref_fn = exact.jit(ctx.kl.logits) if ctx.kl else None  # one compile for all microbatches
     scale = np.asarray(state.loss_scale.scale if scale is None else scale, np.float32)
     for i in range(n):  # microbatches in the order the step runs them, split and keyed by the step's code
         mb = step_lib.microbatch(batch, n, i)
@@ -165,7 +166,7 @@ def _localize_update(ctx, state, batch, step: int, frozen=None) -> Localization:
         grads, *_ = step_lib.accumulate(ctx, s, b, f)
         return step_lib.unscaled(ctx, grads, s.loss_scale)
 
-    grads32 = jax.device_get(jax.jit(grads_of)(state, batch, frozen))
+    grads32 = jax.device_get(exact.jit(grads_of)(state, batch, frozen))
 
     def update(g, opt_state, params):
         _, new_params, new_opt = step_lib.optimizer_update(ctx, g, opt_state, params)
@@ -217,7 +218,7 @@ def replay(bundle: Bundle) -> ReplayReport:
     step = bundle.failed_step  # 0-based: it seeds the step's RNG
     # A KL run's reference is loaded again from the path in its config (build() checks it).
     frozen = run.frozen[0] if run.frozen else None
-    _, metrics = jax.jit(lambda s, b, f: step_lib.train_step(s, b, f, ctx=ctx))(host_state, batch, frozen)
+    _, metrics = exact.jit(lambda s, b, f: step_lib.train_step(s, b, f, ctx=ctx))(host_state, batch, frozen)
     metrics = jax.device_get(metrics)
     loss = float(metrics["loss"])
     recorded = bundle.meta.get("recorded", {})

@@ -35,6 +35,7 @@ import numpy as np
 
 from sandbox.errors import UserError
 from sandbox.objectives import kl_objective
+from sandbox.precision import exact
 from sandbox.precision.policy import RECIPE_POLICIES
 from sandbox.precision.recipes import preset, rounding_key, scaled_dot
 from sandbox.precision.recipes.recipe import ROLES
@@ -69,7 +70,7 @@ def capture(run, state, batch) -> dict[str, tuple]:
     shapes = jax.eval_shape(lambda: loss({}))[1]
     outputs = {k: jax.ShapeDtypeStruct(x.shape[:-1] + (w.shape[1],), x.dtype) for k, (x, w) in shapes.items()}
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), outputs)
-    grads, operands = jax.jit(jax.grad(loss, has_aux=True))(zeros)
+    grads, operands = exact.jit(jax.grad(loss, has_aux=True))(zeros)
     return {k: (x.reshape(-1, x.shape[-1]), w, grads[k].reshape(-1, w.shape[1]))
             for k, (x, w) in operands.items()}
 
@@ -83,7 +84,7 @@ def recipe_stats(operands: dict, recipe, seed: int, step: int) -> dict[str, np.n
         return vjp(g.astype(x.dtype))[2]
 
     keys = {k: rounding_key(seed, step, zlib.crc32(k.encode())) for k in operands}
-    out = jax.jit(lambda ops, ks: {k: one(*ops[k], ks[k]) for k in ops})(operands, keys)
+    out = exact.jit(lambda ops, ks: {k: one(*ops[k], ks[k]) for k in ops})(operands, keys)
     return {k: np.asarray(v) for k, v in out.items()}
 
 

@@ -38,6 +38,7 @@ from sandbox.checkpoint import Checkpointer, abstract_of
 from sandbox.data import make_pipeline
 from sandbox.errors import UserError
 from sandbox.model import GPT
+from sandbox.precision import exact
 from sandbox.precision.loss_scale import LossScaler
 from sandbox.precision.lowp_optim import resolve_moments, rounding_stage, with_rounding
 from sandbox.precision.policy import Policy, make_policy
@@ -145,7 +146,7 @@ class Run:
         """train_step compiled for this run's shardings under `ctx` (one compiled variant per context)."""
         repl = sharding.replicated(self.mesh)
         frozen_sh = (repl,) * len(self.frozen)
-        return jax.jit(functools.partial(train_step, ctx=ctx), donate_argnums=0,
+        return exact.jit(functools.partial(train_step, ctx=ctx), donate_argnums=0,
                        in_shardings=(self.state_shardings, self.batch_sharding, *frozen_sh),
                        out_shardings=(self.state_shardings, repl))
 
@@ -183,7 +184,7 @@ def build(cfg: config_lib.Config, with_data: bool = True) -> Run:
     if ctx.telemetry and cfg.precision.telemetry_every > 1:
         # Same state in and out, fewer metrics: the loop alternates the two.
         run.lean_step_fn = run.jit_step(dataclasses.replace(ctx, telemetry=False))
-    run.eval_fn = jax.jit(functools.partial(eval_step, ctx=ctx), out_shardings=repl,
+    run.eval_fn = exact.jit(functools.partial(eval_step, ctx=ctx), out_shardings=repl,
                           in_shardings=(state_sh.params, state_sh.fp8_meta, run.batch_sharding,
                                         *(repl,) * len(run.frozen)))
     return run

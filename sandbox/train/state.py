@@ -16,6 +16,7 @@ import optax
 from jax._src import core as jax_core  # trace_state_clean: no public equivalent
 
 from sandbox.model import GPT
+from sandbox.precision import exact
 from sandbox.precision.lowp_optim import adamw_lowp
 from sandbox.precision.loss_scale import LossScaler, LossScaleState
 
@@ -90,7 +91,7 @@ def init_state(model: GPT, tx: optax.GradientTransformation, scaler: LossScaler,
     fn = functools.partial(init_state_op_by_op, model, tx, scaler, seed, context, spike_window)
     if not jax_core.trace_state_clean():  # under eval_shape or jit: traced anyway, and options are top-level only
         return fn()
-    return jax.jit(fn, compiler_options=_INIT_COMPILER_OPTIONS)()
+    return exact.jit(fn, compiler_options=_INIT_COMPILER_OPTIONS)()
 
 
 def init_state_op_by_op(model: GPT, tx: optax.GradientTransformation, scaler: LossScaler, seed: int,

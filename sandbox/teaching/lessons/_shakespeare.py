@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import jax
 import numpy as np
 
 from sandbox.config import load_config
 from sandbox.data import builtin
 from sandbox.infotheory import log_softmax
+from sandbox.precision import exact
 from sandbox.teaching.lessons import train_lesson_run
 from sandbox.train.setup import parts
 
@@ -40,5 +40,5 @@ def logprobs(model, params, cfg, text: bytes) -> tuple[np.ndarray, np.ndarray]:
     n = (len(ids) - 1) // T
     inputs = ids[: n * T].reshape(n, T)
     targets = ids[1: n * T + 1].reshape(n, T)
-    logits = jax.jit(lambda p, x: model.apply({"params": p}, x))(params, inputs)
+    logits = exact.jit(lambda p, x: model.apply({"params": p}, x))(params, inputs)
     return np.asarray(log_softmax(logits)).reshape(n * T, -1), targets.reshape(-1)

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sandbox.precision import exact
 from sandbox.precision.fp8 import FP8_META, FP8_STATS, Fp8DotGeneral, update_fp8_meta
 from sandbox.teaching.lessons import LessonResult, new_figure, save_figure
 
@@ -59,7 +60,7 @@ def simulate(algo: str, steps: int, spike_step: int, history_len: int, seed: int
         y, sown = dense.apply({"params": params, FP8_META: meta}, x, mutable=[FP8_STATS])
         return jnp.sum(y**2), sown[FP8_STATS]
 
-    @jax.jit
+    @exact.jit
     def step(meta, x):
         observed, stats = jax.grad(loss, has_aux=True)(meta, x)
         sat = next(v for p, v in jax.tree_util.tree_flatten_with_path(stats)[0]

@@ -28,6 +28,7 @@ import optax
 from scipy import special
 
 from sandbox.infotheory import kl_divergence, log_softmax
+from sandbox.precision import exact
 from sandbox.teaching.lessons import LessonResult, label_axes, new_figure, save_figure
 
 NAME = "kl_direction"
@@ -59,7 +60,7 @@ def fit(direction: str, steps: int, init=(0.5, 0.0)) -> tuple[float, float]:
     theta = jnp.asarray(init, jnp.float32)
     opt = tx.init(theta)
 
-    @jax.jit
+    @exact.jit
     def step(theta, opt):
         g = jax.grad(loss)(theta)
         upd, opt = tx.update(g, opt)
