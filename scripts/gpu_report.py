@@ -5,11 +5,16 @@
 For each policy the sandbox train step is compiled for the GPU (the same jit
 as `sandbox train`), and the optimised HLO (`compiled.as_text()`) is searched
 for the GEMMs XLA emitted: cuBLAS / cuBLASLt custom calls
-(`__cublas$gemm`, `__cublas$lt$matmul`, `...$f8`) and Triton GEMM fusions,
-each classified by its operands' element type. Under `fp8` on Hopper or Ada
+(`__cublas$gemm`, `__cublas$lt$matmul`, `...$f8`) and Triton GEMM fusions
+(`__triton_gemm`, `__triton_nested_gemm_fusion`), each classified by its first
+operand's element type (printed inline, or looked up at the operand's definition
+where newer XLA prints bare names). Under `fp8` on Hopper or Ada
 the Dense layers should appear as fp8 GEMMs (3 per layer: forward and two
 backward); a count of 0 means XLA did not match the fp8 pattern and the
 matmuls run wide (tests/test_gpu_graph.py checks the pattern without a GPU).
+Seen on an H100 with jax 0.11.2: 0, because Triton GEMM fusions take the dots
+first; XLA_FLAGS=--xla_gpu_enable_triton_gemm=false gives cuBLASLt fp8 GEMMs
+(docs/scaling.md, "On a real GPU").
 Then the step is timed (sandbox/bench.py: best of `repeats` chunks) and
 tokens/s, XLA's memory account, the device's peak memory and MFU against the
 device's dense peak for the policy's matmul dtype are printed.
@@ -30,24 +35,35 @@ import jax
 from sandbox import bench
 
 GEMM_TARGETS = re.compile(r'custom_call_target="(__cublas\$[^"]*)"')
-TRITON_GEMM = re.compile(r'"kind":"__triton_gemm"|__triton_gemm')
-# element type of an HLO operand like "f8e4m3fn[64,192]{1,0}", the first inside the call's parentheses
-OPERAND_TYPE = re.compile(r"\b(f8e4m3fn|f8e5m2|f8e4m3fnuz|f8e5m2fnuz|bf16|f16|f32|f64|s8)\[")
+# Triton GEMM fusions: "__triton_gemm" (older XLA), "__triton_nested_gemm_fusion" (jax 0.11, Hopper); a
+# plain "__triton" fusion is a reduction or elementwise kernel, not a GEMM
+TRITON_GEMM = re.compile(r'"kind":"__triton(_gemm|_nested_gemm_fusion)"|__triton_gemm')
+TYPE = r"(f8e4m3fn|f8e5m2|f8e4m3fnuz|f8e5m2fnuz|bf16|f16|f32|f64|s8)\["
+OPERAND_TYPE = re.compile(r"\b" + TYPE)
+# "%name = f32[...]" or "%name = (bf16[...], s8[...])": an instruction's (first) result type. Newer XLA
+# prints a call's operands as bare names, so an operand's type is looked up here.
+DEFINITION = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+) = \(?" + TYPE)
 KIND = {"f8e4m3fn": "fp8", "f8e5m2": "fp8", "f8e4m3fnuz": "fp8", "f8e5m2fnuz": "fp8", "bf16": "bf16",
         "f16": "fp16", "f32": "fp32", "f64": "fp64", "s8": "int8"}
 
 
 def gemm_counts(hlo_text: str) -> Counter:
-    """GEMMs in optimised HLO by operand type ('fp8', 'bf16', ...), from custom calls and Triton GEMM fusions."""
+    """GEMMs in optimised HLO by their first operand's type ('fp8', 'bf16', ...), from cuBLAS custom
+    calls and Triton GEMM fusions; the operand's type is printed inline or found at its definition."""
+    lines = hlo_text.splitlines()
+    types = {m.group(1): m.group(2) for m in map(DEFINITION.match, lines) if m}
     counts: Counter = Counter()
-    for line in hlo_text.splitlines():
+    for line in lines:
         if GEMM_TARGETS.search(line) is None and TRITON_GEMM.search(line) is None:
             continue
         call = next((c for c in (" custom-call(", " fusion(") if c in line), None)
         if call is None:
             continue  # a computation header or metadata mention, not the call itself
-        first = OPERAND_TYPE.search(line.split(call, 1)[1])  # the first operand's element type
-        counts[KIND.get(first.group(1), first.group(1)) if first else "unknown"] += 1
+        operands = line.split(call, 1)[1]
+        inline = OPERAND_TYPE.match(operands.lstrip())
+        name = re.match(r"\s*%([\w.\-]+)", operands)
+        dtype = inline.group(1) if inline else types.get(name.group(1)) if name else None
+        counts[KIND.get(dtype, dtype) if dtype else "unknown"] += 1
     return counts
 
 

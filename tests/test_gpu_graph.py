@@ -202,3 +202,13 @@ def test_gpu_report_counts_gemms_by_operand_type():
 %gemm_fusion_dot.3_computation (parameter_0: f32[8,16], parameter_1: f32[16,8]) -> f32[8,8] { // __triton_gemm
 """
     assert _gpu_report().gemm_counts(hlo) == {"bf16": 1, "fp8": 2, "fp32": 1}
+
+
+def test_gpu_report_counts_gemms_in_the_hlo_an_h100_printed():
+    """Lines of the sandbox train step's optimised HLO as jax 0.11.2 printed it on an H100 (session 12):
+    operands are bare names (types at their definitions), GEMMs are cuBLASLt calls and
+    "__triton_nested_gemm_fusion"s, and a plain "__triton" fusion is a reduction. The fp32 head matmul and
+    the fp8 policy's qkv GEMM, which XLA ran in bf16 on dequantized operands. gpu_report counted 0 GEMMs."""
+    hlo = (REPO / "tests" / "data" / "h100_jax0.11.2_train_step_excerpt.hlo").read_text()
+    assert _gpu_report().gemm_counts(hlo) == {"fp32": 1, "bf16": 1}
+
