@@ -44,6 +44,7 @@ import optax
 from sandbox import config as config_lib
 from sandbox.precision import exact
 from sandbox.train.setup import Run, build, initial_state, place_batch
+from sandbox.train.step import train_step
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SIZES = ("tiny", "small", "medium")
@@ -140,8 +141,11 @@ def sandbox_variant(cfg: config_lib.Config, name: str = "sandbox", n_batches: in
     run = build(cfg)
     frozen = run.frozen
     # The same jit as the builder's, on a changed context (shardings from the same mesh).
-    step_fn = run.jit_step(dataclasses.replace(run.ctx, **ctx_changes)) if ctx_changes else run.step_fn
-    fn = exact.jit(lambda s, b: step_fn.__wrapped__(s, b, *frozen), donate_argnums=0) if frozen else step_fn
+    ctx = dataclasses.replace(run.ctx, **ctx_changes) if ctx_changes else run.ctx
+    if frozen:  # the frozen reference rides in the closure; exact.jit cannot wrap the builder's jitted step
+        fn = exact.jit(lambda s, b: train_step(s, b, *frozen, ctx=ctx), donate_argnums=0)
+    else:
+        fn = run.jit_step(ctx) if ctx_changes else run.step_fn
     batches = [place_batch(run, run.pipeline.train_batch(k)) for k in range(n_batches)]
     return Variant(name, fn, initial_state(run), batches, run_obj=run)
 

@@ -9,7 +9,7 @@ measures what a number format does, it replaces the format under study with a wi
 Measured (session 12):
 - H100, jax 0.11.2: `x.astype(float8_e4m3fn).astype(bfloat16)` compiled to no f8 at all, and the
   fp8 policy's optimised train step held no f8 value: its "fp8" run trained in bf16 (shakespeare_char,
-  2000 steps: val CE 1.8002; with the casts kept 1.8186, the first being a bf16 run's number).
+  2000 steps: val CE 1.8002; with the casts kept, 1.8186).
 - CPU, jax 0.10.2: a bf16 x bf16 matmul widened after it returned unrounded f32 values, and the bf16
   policy's first step moved (grad norm 3.014270 -> 3.014583); fp16 and fp32 did not.
 

@@ -28,6 +28,7 @@ import platform
 from pathlib import Path
 
 import jax
+import jaxlib
 import numpy as np
 
 from sandbox import config as config_lib
@@ -75,8 +76,6 @@ def _cpuinfo() -> tuple[str, set[str]]:
 
 def machine_key() -> str:
     """The class of machine whose XLA:CPU programs compute the same bits (see the module docstring)."""
-    import jaxlib
-
     vendor, flags = _cpuinfo()
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     isa = " ".join(f for f in KERNEL_ISA if f in flags) or "-"
