@@ -75,10 +75,12 @@ class Dense(nn.Dense):
 
     `bias_add` is the policy's `add_broadcast`; nn.Dense's own `y += bias` would sum the bias
     gradient in the compute dtype, add by add (Policy.add_broadcast says why that is wrong).
+    `output` is the policy's `dense_output` (an identity on values; a compile hint for the backward).
     Always with a bias, and the dot from `dot_general_cls` or lax.dot_general (the model's uses).
     """
 
     bias_add: Callable[[jax.Array, jax.Array], jax.Array] = jnp.add
+    output: Callable[[jax.Array], jax.Array] = lambda y: y  # the policy's dense_output
 
     @nn.compact
     def __call__(self, inputs: jax.Array) -> jax.Array:
@@ -87,7 +89,7 @@ class Dense(nn.Dense):
         inputs, kernel, bias = self.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
         dot_general = self.dot_general_cls() if self.dot_general_cls is not None else lax.dot_general
         y = dot_general(inputs, kernel, (((inputs.ndim - 1,), (0,)), ((), ())), precision=self.precision)
-        return self.bias_add(y, bias)
+        return self.output(self.bias_add(y, bias))
 
 
 class Block(nn.Module):
@@ -101,7 +103,8 @@ class Block(nn.Module):
         dot_cls = p.dot_general_cls(block=self.index, n_layer=self.cfg.n_layer)
         return Dense(features, name=name, dtype=p.compute_dtype, param_dtype=p.param_dtype,
                      precision=p.precision, dot_general_cls=dot_cls,
-                     kernel_init=nn.initializers.normal(self.cfg.init_std), bias_add=p.add_broadcast)
+                     kernel_init=nn.initializers.normal(self.cfg.init_std), bias_add=p.add_broadcast,
+                     output=p.dense_output)
 
     def norm(self, name: str) -> nn.LayerNorm:
         # Flax computes LayerNorm statistics in fp32 whatever the dtype.
