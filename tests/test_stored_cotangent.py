@@ -1,5 +1,6 @@
-"""exact.stored_cotangent / Policy.dense_output: under fp16 compute on CPU, a dense layer's output
-cotangent is computed once and stored, where XLA:CPU recomputed its fp16 chain in each reader.
+"""exact.stored_cotangent / Policy.dense_output: on CPU, under fp16 compute or a quantization recipe,
+a dense layer's output cotangent is computed once and stored, where XLA:CPU recomputed its chain in
+each reader.
 
 What is checked: the optimised CPU step evaluates the MLP's GELU chain in one backward fusion per
 layer (three before), the values are those of the step without the hint (bit for bit), and the
@@ -11,6 +12,7 @@ import re
 
 import jax
 import numpy as np
+import pytest
 from jax import export
 
 from sandbox.precision.policy import Policy
@@ -20,8 +22,8 @@ N_LAYER = 2
 _SQRT_2_OVER_PI = np.float16(np.sqrt(2 / np.pi))  # GELU's tanh approximation: tanh(sqrt(2/pi) (x + 0.044715 x^3))
 
 
-def _fp16_run(tiny):
-    return setup.build(tiny(sets=["precision.policy=fp16", f"model.n_layer={N_LAYER}"]))
+def _run(tiny, policy="fp16"):
+    return setup.build(tiny(sets=[f"precision.policy={policy}", f"model.n_layer={N_LAYER}"]))
 
 
 def _gelu_fusion_calls(hlo: str) -> int:
@@ -39,17 +41,18 @@ def _gelu_fusion_calls(hlo: str) -> int:
 def test_the_fp16_step_evaluates_gelus_derivative_once_per_layer(tiny):
     """Forward and backward: 2 GELU fusions per layer. Without the stored cotangent XLA:CPU fused the
     derivative's chain into the three readers of its result: 4 per layer."""
-    run = _fp16_run(tiny)
+    run = _run(tiny)
     state = setup.initial_state(run)
     batch = setup.place_batch(run, run.pipeline.train_batch(0))
     hlo = run.step_fn.lower(state, batch).compile().as_text()
     assert _gelu_fusion_calls(hlo) == 2 * N_LAYER
 
 
-def test_storing_the_cotangent_changes_no_value(tiny, monkeypatch):
-    """Three fp16 steps with and without the hint: parameters and metrics equal bit for bit."""
+@pytest.mark.parametrize("policy", ["fp16", "fp8_current", pytest.param("nvfp4", marks=pytest.mark.slow)])
+def test_storing_the_cotangent_changes_no_value(tiny, monkeypatch, policy):
+    """Three steps with and without the hint: parameters and metrics equal bit for bit."""
     def three_steps():
-        run = _fp16_run(tiny)
+        run = _run(tiny, policy)
         state = setup.initial_state(run)
         for k in range(3):
             state, metrics = run.step_fn(state, setup.place_batch(run, run.pipeline.train_batch(k)))
@@ -62,12 +65,14 @@ def test_storing_the_cotangent_changes_no_value(tiny, monkeypatch):
         assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
 
 
-def test_only_the_cpu_graph_gets_the_barriers(tiny):
-    """4 dense layers per block: 4 barriers per layer lowered for CPU, none in the graph for CUDA."""
-    run = _fp16_run(tiny)
+@pytest.mark.parametrize("policy, stored", [("fp16", True), ("mxfp8", True), ("bf16", False), ("fp8", False)])
+def test_only_the_cpu_graph_gets_the_barriers(tiny, policy, stored):
+    """4 dense layers per block: 4 barriers per layer lowered for CPU (fp16, recipes), none in the graph
+    for CUDA; none at all where storing does not pay (bf16, delayed-scaling fp8)."""
+    run = _run(tiny, policy)
     state = setup.initial_state(run)
     batch = setup.place_batch(run, run.pipeline.train_batch(0))
     cpu = run.step_fn.lower(state, batch).as_text()
     cuda = export.export(run.step_fn, platforms=["cuda"])(state, batch).mlir_module()
-    assert cpu.count("stablehlo.optimization_barrier") == 4 * N_LAYER
+    assert cpu.count("stablehlo.optimization_barrier") == (4 * N_LAYER if stored else 0)
     assert "optimization_barrier" not in cuda
