@@ -68,8 +68,9 @@ def test_storing_the_cotangent_changes_no_value(tiny, monkeypatch, policy):
 @pytest.mark.parametrize("policy, stored", [("fp16", True), ("mxfp8", True), ("bf16", False), ("fp8", False)])
 def test_only_the_cpu_graph_gets_the_barriers(tiny, policy, stored):
     """4 dense layers per block: 4 barriers per layer lowered for CPU (fp16, recipes), none in the graph
-    for CUDA; none at all where storing does not pay (bf16, delayed-scaling fp8)."""
-    run = _run(tiny, policy)
+    for CUDA; none at all where storing does not pay (bf16, delayed-scaling fp8). Telemetry off: the
+    recipes' statistics store their operands too (test_quant_stats_exact.py)."""
+    run = setup.build(tiny(sets=[f"precision.policy={policy}", f"model.n_layer={N_LAYER}", "precision.telemetry=false"]))
     state = setup.initial_state(run)
     batch = setup.place_batch(run, run.pipeline.train_batch(0))
     cpu = run.step_fn.lower(state, batch).as_text()

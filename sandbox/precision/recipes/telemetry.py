@@ -26,6 +26,7 @@ quantization (error 0) reports SNR_CAP_DB.
 import jax
 import jax.numpy as jnp
 
+from sandbox.precision import exact
 from sandbox.precision.recipes.formats import element_format
 from sandbox.precision.recipes.layout import blocked
 from sandbox.precision.recipes.quantize import Scales, dequantize, e8m0_decode, quantize
@@ -83,7 +84,10 @@ def quantize_with_stats(x, spec: OperandSpec, *, axis: int = -1, key=None):
     q, scales = quantize(x, spec, axis=axis, key=key)
     dtype = x.dtype if spec.scale == "fp32" else jnp.float32
     fake = dequantize(q, scales, spec, axis=axis, dtype=dtype)
-    return fake, stats(x, fake, scales, spec, axis)
+    # The statistics read one stored copy (exact.stored, CPU): fused, XLA:CPU would recompute the
+    # whole quantization in each of their reductions, and contract x - q * s into an FMA, so that the
+    # error was not x - fq(x) (nonzero for an exactly representable x). The GEMM reads `fake` as before.
+    return fake, stats(x, exact.stored(fake), scales, spec, axis)
 
 
 def summarize(vec) -> dict:
