@@ -25,8 +25,8 @@ under an fp16 compute dtype each of those ops is a convert pair around an f32 op
 cost: the fp16 step of the `small` benchmark took 170 ms, with the cotangent stored 141 ms (fp32's
 step: 140 ms), bits unchanged (session 13, Intel Xeon). An `optimization_barrier` stores a value, but
 XLA:CPU removes barriers before fusing (pass `cse_barrier_expander`), so `jit` turns that pass off:
-the sandbox emits barriers nowhere else, and where it emits them they are identities. The barrier is
-emitted only when lowering for CPU; GPU and TPU fuse as they choose.
+the sandbox emits barriers only through `stored` and `stored_cotangent` below, and they are
+identities. They are emitted only when lowering for CPU; GPU and TPU fuse as they choose.
 
 Where a value is stored also decides how it is rounded: XLA:CPU contracts `a * b + c` (and
 `x - q * s`) into one fused multiply-add inside a fusion (measured: for 15,443 of 65,536 random fp32
@@ -45,7 +45,7 @@ from jax import lax
 
 COMPILER_OPTIONS: dict[str, Any] = {
     "xla_allow_excess_precision": False,
-    "xla_disable_hlo_passes": "cse_barrier_expander",  # keeps stored_cotangent's barriers (module doc)
+    "xla_disable_hlo_passes": "cse_barrier_expander",  # keeps `stored`'s barriers (module doc)
 }
 
 
