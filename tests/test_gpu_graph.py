@@ -211,4 +211,3 @@ def test_gpu_report_counts_gemms_in_the_hlo_an_h100_printed():
     the fp8 policy's qkv GEMM, which XLA ran in bf16 on dequantized operands. gpu_report counted 0 GEMMs."""
     hlo = (REPO / "tests" / "data" / "h100_jax0.11.2_train_step_excerpt.hlo").read_text()
     assert _gpu_report().gemm_counts(hlo) == {"fp32": 1, "bf16": 1}
-

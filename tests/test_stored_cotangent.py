@@ -22,8 +22,8 @@ N_LAYER = 2
 _SQRT_2_OVER_PI = np.float16(np.sqrt(2 / np.pi))  # GELU's tanh approximation: tanh(sqrt(2/pi) (x + 0.044715 x^3))
 
 
-def _run(tiny, policy="fp16"):
-    return setup.build(tiny(sets=[f"precision.policy={policy}", f"model.n_layer={N_LAYER}"]))
+def _run(tiny, policy="fp16", *sets):
+    return setup.build(tiny(sets=[f"precision.policy={policy}", f"model.n_layer={N_LAYER}", *sets]))
 
 
 def _gelu_fusion_calls(hlo: str) -> int:
@@ -70,7 +70,7 @@ def test_only_the_cpu_graph_gets_the_barriers(tiny, policy, stored):
     """4 dense layers per block: 4 barriers per layer lowered for CPU (fp16, recipes), none in the graph
     for CUDA; none at all where storing does not pay (bf16, delayed-scaling fp8). Telemetry off: the
     recipes' statistics store their operands too (test_quant_stats_exact.py)."""
-    run = setup.build(tiny(sets=[f"precision.policy={policy}", f"model.n_layer={N_LAYER}", "precision.telemetry=false"]))
+    run = _run(tiny, policy, "precision.telemetry=false")
     state = setup.initial_state(run)
     batch = setup.place_batch(run, run.pipeline.train_batch(0))
     cpu = run.step_fn.lower(state, batch).as_text()
