@@ -28,7 +28,17 @@ def _assert_lesson(name, tmp_path, request, quick=True):
     return result
 
 
-@pytest.mark.parametrize("name", lessons.LESSON_MODULES)
+# Quick verdicts whose claims the default suite already checks elsewhere run with the slow suite,
+# to keep the default run near its 10 minutes on 2 cores (they took 37 s and 19 s there):
+# naive_softmax's replay verdict is test_forensics.test_replay_cli_text_and_json (the same fp16
+# overflow, replayed to exp in block_0/attention/softmax), and
+# bf16_master_weights' checks are test_precision.test_bf16_pure_loses_updates (lost updates) and
+# bf16_remedies' quick verdict (the same pure vs master stall), which stays.
+SLOW_QUICK = ("naive_softmax", "bf16_master_weights")
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_QUICK else n
+                                  for n in lessons.LESSON_MODULES])
 def test_lesson_quick_verdict_holds(name, tmp_path, request):
     _assert_lesson(name, tmp_path, request)
 
