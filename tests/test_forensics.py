@@ -109,9 +109,13 @@ def test_replay_cli_text_and_json(bundle_dir, capsys, monkeypatch):
     assert out["cause"] == "exp_overflow" and out["op"] == "exp"
     assert out["module_path"].endswith("block_0/attention/softmax") and out["reproduced"] is True
     assert out["origin"]["phase"] == "forward" and out["phase"] == "gradients"
+    # op by op, the same tensors went non-finite as in the compiled step (tests/test_replay_agreement.py)
+    agreed = out["agreement"]
+    assert agreed["compared"] == "gradients" and agreed["same"] is True and agreed["compiled"][0] == "loss"
     assert main(["replay", str(bundle_dir)]) == 0
     text = capsys.readouterr().out
     assert "exp_overflow" in text and "policy.py" in text
+    assert "op by op vs compiled step: the same non-finite loss and gradients" in text
     # One step numbering (1-based) in replay's text and JSON, summary.json and metrics.jsonl.
     run_dir = bundle_dir.parent
     summary = json.loads((run_dir / "summary.json").read_text())

@@ -55,8 +55,11 @@ linearisation computes for sqrt's derivative.
 
 Limits: each distinct op signature is compiled once for the CPU (about ten
 seconds for a 2-layer GPT). A failure that only a fused kernel produces
-(different accumulation or rounding on the accelerator) may not reproduce op
-by op; then the function returns None. shard_map and pmap bodies run whole
+(different accumulation or rounding on the accelerator; on CPU too, where
+XLA contracts `a * b + c` into a fused multiply-add) may not reproduce op
+by op; then the origin is None. `Localization.nonfinite` says which outputs
+went non-finite op by op, so a caller can compare them with the compiled
+program's (the replay does: forensics/replay.py, "Agreement"). shard_map and pmap bodies run whole
 and are not entered, and a while loop whose predicate is batched is not
 unrolled. In a scan, the provenance of a sliced input is its whole array's.
 """
@@ -65,6 +68,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -137,6 +141,7 @@ class Localization:
 
     origin: Origin | None  # the loss's own origin when the loss is non-finite, else the earliest event
     first_backward: Origin | None  # the earliest value made non-finite in the backward pass, if not the origin
+    nonfinite: Any = None  # fn's outputs as evaluated op by op, each leaf a bool: it holds inf/NaN
 
 
 def localize_nonfinite(fn, *args, **kwargs) -> Origin | None:
@@ -165,17 +170,19 @@ def localize(fn, *args, **kwargs) -> Localization:
 
     with jax.default_device(cpu):
         arrays = [jax.device_put(_unsharded(values[i]), cpu) for i in dynamic]
-        closed = jax.make_jaxpr(flat_fn)(*arrays)  # under the caller's mesh, if any
+        closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*arrays)  # under the caller's mesh, if any
     with jax.default_device(cpu), jax.set_mesh(None):  # evaluate op by op on one device
         interp = _Interpreter(closed.jaxpr)
         taints = [interp.input_event(a, _arg_path(leaves[i][0])) for i, a in zip(dynamic, arrays)]
-        _, out_taints = interp.run(closed.jaxpr, closed.consts, arrays, taints, (), False)
+        outs, out_taints = interp.run(closed.jaxpr, closed.consts, arrays, taints, (), False)
+    nonfinite = jax.tree.unflatten(jax.tree.structure(out_shape), [not _finite(o) for o in outs])
     events = _union(out_taints)
     loss_taint = out_taints[0] if interp.differentiated and out_taints else None
     origin = _earliest(loss_taint or events)  # a non-finite loss: only what reached the loss
     backward = _earliest(e for e in events if e.kind == "op" and e.backward)
     return Localization(origin.origin() if origin else None,
-                        backward.origin() if backward is not None and backward is not origin else None)
+                        backward.origin() if backward is not None and backward is not origin else None,
+                        nonfinite)
 
 
 def format_origin(origin: Origin, title: str = "First non-finite value") -> str:

@@ -19,6 +19,18 @@ Design
    whose output was not. If the gradients are finite, the failure is in the
    update (non-finite new parameters or optimizer moments), so the optimizer
    update is localized next.
+   Agreement. Op by op, each op rounds once; the compiled step fuses ops, and
+   XLA:CPU contracts `a * b + c` into one fused multiply-add and sums in its
+   own order, so the two differ in the last bits (for the shipped recipe's
+   first step, 90% of the gradient entries). A failure on a knife edge can
+   therefore go non-finite in one and not the other. The report compares
+   what each made non-finite, by tensor name: the loss and the gradients
+   (phase 'gradients'), the new parameters and moments ('update'), or
+   everything ('none'), against the compiled step's guard flags, and says
+   plainly when they differ: the origin is then where op-by-op evaluation
+   failed, which need not be where the compiled step did. Not compared
+   under gradient accumulation (the compiled step sums the microbatches; the
+   localizer replays one).
 4. Explain. The op's cause comes from `causes.classify`. The metrics history
    in the bundle goes through `classify_divergence`: when the gradient norm or
    loss was blowing up *and* the bad op is a plain fp32 range failure (fp32
@@ -65,7 +77,19 @@ from sandbox.forensics.remedies import (RANGE_CAUSES, SCALE_PROBE_FACTOR, Remedy
                                         suggest)
 from sandbox.precision import exact
 from sandbox.train import step as step_lib
+from sandbox.train.metrics import guard_leaf_names, leaf_paths, name_list
 from sandbox.train.setup import build, initial_state
+
+
+@dataclasses.dataclass
+class Agreement:
+    """What the compiled step and the op-by-op evaluation each made non-finite (module doc, step 3)."""
+
+    compared: str  # 'gradients' (loss, gradients), 'update' (new params, moments), 'none' (all); '' = not
+    same: bool | None
+    compiled: list[str]  # non-finite tensors of the compared kind in the compiled step ('loss' first)
+    op_by_op: list[str]  # the same, evaluated op by op
+    note: str = ""
 
 
 @dataclasses.dataclass
@@ -84,6 +108,7 @@ class ReplayReport:
     remedy: str
     remedies: list[Remedy] = dataclasses.field(default_factory=list)
     growth: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # causes.logit_growth findings
+    agreement: Agreement | None = None
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -195,6 +220,36 @@ def _scale_sensitive(ctx, state, batch, step: int, frozen, event: Origin | None)
     return not same
 
 
+def _named(prefix: str, flags) -> list[str]:
+    """The names (as guard_leaf_names spells them) of the True leaves of a tree of bools."""
+    return [f"{prefix}/{p}" for p, bad in zip(leaf_paths(flags), jax.tree.leaves(flags)) if bad]
+
+
+def agreement(ctx, state, metrics: dict, phase: str, found: Localization) -> Agreement:
+    """Compares the compiled step's non-finite tensors (its guard flags) with the op-by-op ones."""
+    flags = metrics.get("nonfinite_leaves")
+    if flags is None:
+        return Agreement("", None, [], [], "not compared: the step was built without its guard")
+    bad = [n for n, f in zip(guard_leaf_names(state), np.asarray(flags)) if f]
+    loss_bad = [] if math.isfinite(float(metrics["loss"])) else ["loss"]
+    if phase == "update":
+        new_params, new_opt = found.nonfinite
+        compiled = [n for n in bad if n.startswith(("params/", "opt_state/"))]
+        return _compared(phase, compiled, _named("params", new_params) + _named("opt_state", new_opt))
+    if phase == "gradients" and ctx.accum_steps > 1:
+        return Agreement("", None, [], [], f"not compared: the compiled step sums {ctx.accum_steps} microbatches' "
+                                           "gradients, the op-by-op replay evaluates one")
+    if phase == "gradients":
+        loss, grads, _ = found.nonfinite
+        return _compared(phase, loss_bad + [n for n in bad if n.startswith("grads/")],
+                         ["loss"] * bool(loss) + _named("grads", grads))
+    return _compared("none", loss_bad + bad, [])  # op by op, nothing went non-finite
+
+
+def _compared(phase: str, compiled: list[str], op_by_op: list[str]) -> Agreement:
+    return Agreement(phase, compiled == op_by_op, compiled, op_by_op)
+
+
 def _run_facts(cfg, ctx, state, step: int) -> RunFacts:
     return RunFacts(cfg=cfg, compute_dtype=jnp.dtype(ctx.policy.compute_dtype).name,
                     scaler_mode=ctx.scaler.mode, scale=float(state.loss_scale.scale), step=step + 1)
@@ -227,6 +282,7 @@ def replay(bundle: Bundle) -> ReplayReport:
 
     phase, found = localize_step(ctx, host_state, batch, step, frozen)
     origin, backward = found.origin, found.first_backward
+    agrees = agreement(ctx, host_state, metrics, phase, found)
     facts = _run_facts(bundle.cfg, ctx, host_state, step)
 
     history = [r for r in bundle.meta.get("history", []) if r.get("step", 0) <= step]  # before the bad step
@@ -245,7 +301,7 @@ def replay(bundle: Bundle) -> ReplayReport:
         fix = "; ".join(str(r) for r in remedies)
     return ReplayReport(str(bundle.path), step + 1, recorded.get("loss"), loss, reproduced, phase,
                         _with_remedies(origin, remedies), backward, divergence, cause, why, fix, remedies,
-                        growth)
+                        growth, agrees)
 
 
 def diagnose(facts: RunFacts, phase: str, origin: Origin | None, history: list[dict]):
@@ -260,8 +316,27 @@ def diagnose(facts: RunFacts, phase: str, origin: Origin | None, history: list[d
         return divergence, cause, why, fix, suggest(facts, cause, origin, phase, diverging=True)
     if origin is not None:
         return divergence, origin.cause, origin.explanation, origin.remedy, suggest(facts, origin.cause, origin, phase)
-    return (divergence, "not_reproduced", "Replaying the step op by op on the CPU gave no non-finite value.",
-            "The failure may depend on a fused accelerator kernel; replay on the original device.", [])
+    return (divergence, "not_reproduced", "Replaying the step op by op on the CPU gave no non-finite value. Op by op "
+            "each operation rounds once; the compiled step fuses operations (fused multiply-adds, its own summation "
+            "order; on a GPU or TPU, its own kernels), so a failure that needs the compiled program's rounding does "
+            "not show op by op.", "Replay on the device the run used.", [])
+
+
+def format_agreement(a: Agreement | None) -> list[str]:
+    """The report's lines on whether op-by-op evaluation failed where the compiled step did."""
+    if a is None:
+        return []
+    if not a.compared:
+        return [f"op by op vs compiled step: {a.note}"]
+    what = {"gradients": "loss and gradients", "update": "new parameters and optimizer moments",
+            "none": "tensors"}[a.compared]
+    if a.same:
+        return [f"op by op vs compiled step: the same non-finite {what} ({name_list(a.compiled)})"]
+    return [f"op by op vs compiled step: DIFFERENT non-finite {what}. Compiled: {name_list(a.compiled)}; "
+            f"op by op: {name_list(a.op_by_op)}.",
+            "  The compiled step fuses ops (fused multiply-adds, its own summation order), so it rounds "
+            "differently from op-by-op evaluation; the origin below is where op-by-op evaluation first went "
+            "non-finite, which need not be where the compiled step did."]
 
 
 def _num(v) -> float:
@@ -277,6 +352,7 @@ def format_report(r: ReplayReport) -> str:
              f"replayed loss {r.replayed_loss})",
              f"cause: {r.cause}", f"  {r.explanation}"]
     lines += [f"  remedy: {x}" for x in (r.remedies or [r.remedy])]
+    lines += format_agreement(r.agreement)
     if r.origin is not None:
         lines += ["", f"origin (in the {r.phase} computation):", format_origin(r.origin)]
     if r.first_backward is not None:
