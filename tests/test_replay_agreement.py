@@ -77,6 +77,11 @@ def test_a_difference_is_reported_with_both_sides_named(tiny):
     a = agreement(run.ctx, state, metrics, "none", Localization(None, None))
     assert (a.compared, a.same, a.op_by_op) == ("none", False, []) and a.compiled == ["loss", "grads/ln_f/scale"]
 
+    # A stall: neither side made anything non-finite.
+    a = agreement(run.ctx, state, _metrics(state, set(), 1.0), "none", Localization(None, None))
+    assert a.same is True and format_agreement(a) == ["op by op vs compiled step: neither made any of the "
+                                                      "tensors non-finite"]
+
 
 def test_update_phase_compares_new_parameters_and_moments_by_their_guard_names(tiny):
     run = loop.build(tiny())

@@ -330,6 +330,8 @@ def format_agreement(a: Agreement | None) -> list[str]:
         return [f"op by op vs compiled step: {a.note}"]
     what = {"gradients": "loss and gradients", "update": "new parameters and optimizer moments",
             "none": "tensors"}[a.compared]
+    if a.same and not a.compiled:  # a stall: nothing went non-finite
+        return [f"op by op vs compiled step: neither made any of the {what} non-finite"]
     if a.same:
         return [f"op by op vs compiled step: the same non-finite {what} ({name_list(a.compiled)})"]
     return [f"op by op vs compiled step: DIFFERENT non-finite {what}. Compiled: {name_list(a.compiled)}; "
