@@ -59,9 +59,10 @@ seconds for a 2-layer GPT). A failure that only a fused kernel produces
 XLA contracts `a * b + c` into a fused multiply-add) may not reproduce op
 by op; then the origin is None. `Localization.nonfinite` says which outputs
 went non-finite op by op, so a caller can compare them with the compiled
-program's (the replay does: forensics/replay.py, "Agreement"). shard_map and pmap bodies run whole
-and are not entered, and a while loop whose predicate is batched is not
-unrolled. In a scan, the provenance of a sliced input is its whole array's.
+program's (the replay does: forensics/replay.py, "Agreement"). shard_map
+and pmap bodies run whole and are not entered, and a while loop whose
+predicate is batched is not unrolled. In a scan, the provenance of a sliced
+input is its whole array's.
 """
 
 from __future__ import annotations

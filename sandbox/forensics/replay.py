@@ -226,7 +226,11 @@ def _named(prefix: str, flags) -> list[str]:
 
 
 def agreement(ctx, state, metrics: dict, phase: str, found: Localization) -> Agreement:
-    """Compares the compiled step's non-finite tensors (its guard flags) with the op-by-op ones."""
+    """Compares the compiled step's non-finite tensors (its guard flags) with the op-by-op ones.
+
+    `found.nonfinite` has the localized function's output structure: (loss, grads, observed) for
+    `_localize_grads`' grads_fn, (new params, new optimizer state) for `_localize_update`'s update.
+    """
     flags = metrics.get("nonfinite_leaves")
     if flags is None:
         return Agreement("", None, [], [], "not compared: the step was built without its guard")
